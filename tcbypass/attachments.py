@@ -1,0 +1,276 @@
+"""Attach, detach and inspect one tap/NIC pair: the core of tcbypass.
+
+An attachment is the unit everything else is built from (`attach <vmi>`
+makes one per bridge-bound NIC). Its whole state lives in one bpffs
+directory, PIN_ROOT/<id>/: the two programs, the maps, and the record
+(tcb_meta). Removing that directory and our two filters restores the bridge
+path exactly; nothing else is ever changed.
+
+Every operation takes the attachment's lock, so concurrent callers see one
+consistent attachment or none. A failed attach tears down what it built, so
+the bridge carries the traffic as before and nothing is left half-applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import time
+from typing import Iterator
+
+from . import loader, netdev, netns, tc
+from .errors import BpfError, BusyError, DeviceError, TcbError
+from .maps import F_DHCP_TO_BRIDGE, AttachmentMaps, Counters, Direction, parse_mac, port_entry
+from .model import (STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, AttachResult, AttachSpec, Record, Status,
+                    name_of_pin, pin_id)
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR = "/run/tcbypass/locks"
+LOCK_TIMEOUT = 30.0
+STAGING = "@staging"
+
+
+def pin_dir_of(name: str) -> str:
+    return f"{loader.PIN_ROOT}/{pin_id(name)}"
+
+
+@contextlib.contextmanager
+def locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Serialise all work on one attachment across processes."""
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    fd = os.open(f"{LOCK_DIR}/{pin_id(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() > deadline:
+                    raise BusyError(f"attachment {name} is busy: another tcbypass holds its lock",
+                                    hint="wait for it to finish and try again") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_record(pin_dir: str) -> Record | None:
+    """The stored record, or None when there is none (or it cannot be read)."""
+    if not os.path.isdir(pin_dir):
+        return None
+    try:
+        with AttachmentMaps(pin_dir) as maps:
+            data = maps.read_record()
+    except BpfError:
+        return None
+    return Record.from_json(data) if data else None
+
+
+# --- attach -------------------------------------------------------------
+
+def _devices(links: dict[str, netdev.Link], spec: AttachSpec) -> tuple[netdev.Link, netdev.Link, netdev.Link]:
+    """The tap, the NIC and the bridge joining them, or a DeviceError saying what is wrong."""
+    where = f"in {spec.netns}"
+    for role, name in (("tap", spec.tap), ("NIC", spec.nic)):
+        if name not in links:
+            raise DeviceError(f"no device {name!r} {where} (the {role})",
+                              hint="check the names with: nsenter --net=NETNS ip link")
+    tap, nic = links[spec.tap], links[spec.nic]
+    if tap.index == nic.index:
+        raise DeviceError(f"the tap and the NIC are the same device ({spec.tap})", hint="give two devices")
+    by_index = {link.index: link for link in links.values()}
+    bridge = by_index.get(tap.master)
+    if bridge is None or bridge.kind != "bridge" or nic.master != tap.master:
+        raise DeviceError(f"{spec.tap} and {spec.nic} are not ports of one bridge {where}",
+                          hint="tcbypass bypasses the bridge that joins them (k6t-eth0 with bridge binding)")
+    return tap, nic, bridge
+
+
+def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
+    """Attach (or refresh) the fast path for one tap/NIC pair. Idempotent."""
+    started = time.monotonic()
+    vm_mac = parse_mac(spec.mac)
+    pin_dir = pin_dir_of(spec.name)
+    loader.bpffs_ready()
+    with locked(spec.name):
+        ref = netns.resolve(spec.netns)
+        with netdev.open_netns(ref.path) as ipr:
+            tap, nic, bridge = _devices(netdev.list_links(ipr), spec)
+            old = read_record(pin_dir)
+            if old is None and os.path.isdir(pin_dir):
+                log.info("%s: clearing an incomplete earlier attach", spec.name)
+                loader.remove_pins(pin_dir)
+            want = Record(
+                name=spec.name, netns=ref.path, netns_id=ref.identity,
+                tap=tap.name, tap_ifindex=tap.index, nic=nic.name, nic_ifindex=nic.index,
+                bridge=bridge.name, bridge_mac=bridge.mac, mac=spec.mac.lower(), dhcp_to_bridge=spec.dhcp_to_bridge,
+                digest=loader.digest(test_build),
+                owned_clsact_tap=bool(old and old.tap_ifindex == tap.index and old.owned_clsact_tap),
+                owned_clsact_nic=bool(old and old.nic_ifindex == nic.index and old.owned_clsact_nic),
+                vmi=spec.vmi, namespace=spec.namespace, iface_id=spec.iface_id, managed_by=spec.managed_by,
+                attached_at=old.attached_at if old else time.time(),
+            )
+            if old and old.complete and old.same_wiring(want) and not _problems(ipr, old, pin_dir):
+                return AttachResult(old, "unchanged", time.monotonic() - started)
+
+            fresh = old is None or old.digest != want.digest
+            work_dir = pin_dir + STAGING if (old and fresh) else pin_dir
+            if fresh:
+                loader.remove_pins(work_dir)
+                loader.compile_and_pin(work_dir, test=test_build)
+            try:
+                record = _program(ipr, ref, work_dir, want, vm_mac, tap, nic)
+                if work_dir != pin_dir:
+                    loader.remove_pins(pin_dir)
+                    os.rename(work_dir, pin_dir)
+            except BaseException:
+                log.warning("%s: attach failed; restoring the bridge path", spec.name)
+                with contextlib.suppress(Exception):
+                    _teardown(ipr, read_record(work_dir) or want)
+                with contextlib.suppress(Exception):
+                    loader.remove_pins(work_dir)
+                with contextlib.suppress(Exception):
+                    loader.remove_pins(pin_dir)
+                raise
+    if old is None:
+        action = "attached"
+    elif fresh:
+        action = "replaced"
+    else:
+        action = "refreshed"
+    log.info("%s: %s (%s -> %s, %s)", spec.name, action, tap.name, nic.name, spec.mac)
+    return AttachResult(record, action, time.monotonic() - started)
+
+
+def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: bytes,
+             tap: netdev.Link, nic: netdev.Link) -> Record:
+    """Fill the maps, then hook the programs in; the record is marked complete last."""
+    flags = F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0
+    local_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)
+    with AttachmentMaps(work_dir) as maps, loader.open_programs(work_dir) as progs:
+        maps.write_record(want.to_json())  # from here on an interrupted attach can be cleaned up
+        maps.set_port(tap.index, port_entry(vm_mac, local_mac, Direction.FROM_VM, flags))
+        maps.set_port(nic.index, port_entry(vm_mac, local_mac, Direction.TO_VM, flags))
+        for ifindex in maps.port_ifindexes():
+            if ifindex not in (tap.index, nic.index):
+                maps.drop_port(ifindex)  # the devices of an earlier VM run
+
+        def point_targets() -> None:  # devmap ifindexes resolve in the writer's namespace
+            maps.set_target(Direction.FROM_VM, nic.index)
+            maps.set_target(Direction.TO_VM, tap.index)
+
+        netns.run_in(ref.path, point_targets)
+
+        record = want
+        if tc.ensure_clsact(ipr, tap.index):
+            record = _replace(record, owned_clsact_tap=True)
+            maps.write_record(record.to_json())
+        if tc.ensure_clsact(ipr, nic.index):
+            record = _replace(record, owned_clsact_nic=True)
+            maps.write_record(record.to_json())
+        tc.set_filter(ipr, tap.index, progs.from_vm, tc.filter_name(pin_id(want.name), "from_vm"))
+        tc.set_filter(ipr, nic.index, progs.to_vm, tc.filter_name(pin_id(want.name), "to_vm"))
+        record = _replace(record, complete=True)
+        maps.write_record(record.to_json())
+    return record
+
+
+def _replace(record: Record, **changes) -> Record:
+    data = record.to_json()
+    data.update(changes)
+    return Record(**data)
+
+
+# --- detach -------------------------------------------------------------
+
+def _teardown(ipr, record: Record) -> None:
+    """Remove our filters (and clsact where we made it) from the devices that are still there."""
+    links = {link.index: link for link in netdev.list_links(ipr).values()}
+    for ifindex, name, owned in ((record.tap_ifindex, record.tap, record.owned_clsact_tap),
+                                 (record.nic_ifindex, record.nic, record.owned_clsact_nic)):
+        link = links.get(ifindex)
+        if link is None or link.name != name:
+            continue  # gone (its filters went with it) or now someone else's device
+        tc.remove_filter(ipr, ifindex)
+        if owned:
+            tc.release_clsact(ipr, ifindex)
+
+
+def detach(name: str) -> Record | None:
+    """Restore the bridge path for one attachment. Returns what was attached, or None."""
+    pin_dir = pin_dir_of(name)
+    with locked(name):
+        record = read_record(pin_dir) or read_record(pin_dir + STAGING)
+        if record is not None and netns.identity_of(record.netns) == record.netns_id:
+            with netdev.open_netns(record.netns) as ipr:
+                _teardown(ipr, record)
+        loader.remove_pins(pin_dir + STAGING)
+        if record is None and not os.path.isdir(pin_dir):
+            return None
+        loader.remove_pins(pin_dir)
+    log.info("%s: detached", name)
+    return record
+
+
+# --- status -------------------------------------------------------------
+
+def names() -> list[str]:
+    """Names of all attachments pinned on this node (staging leftovers excluded)."""
+    try:
+        entries = sorted(os.listdir(loader.PIN_ROOT))
+    except FileNotFoundError:
+        return []
+    return [name_of_pin(e) for e in entries if not e.endswith(STAGING)]
+
+
+def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
+    """What differs between the record and the kernel; empty when all agrees."""
+    problems = []
+    if not record.complete:
+        problems.append("attach did not finish")
+    links = netdev.list_links(ipr)
+    for role, name, ifindex in (("tap", record.tap, record.tap_ifindex), ("nic", record.nic, record.nic_ifindex)):
+        link = links.get(name)
+        if link is None:
+            problems.append(f"{role} {name} is gone")
+        elif link.index != ifindex:
+            problems.append(f"{role} {name} is now ifindex {link.index} (was {ifindex})")
+        elif tc.our_filter(ipr, ifindex) is None:
+            problems.append(f"our filter is missing on {name}")
+    with AttachmentMaps(pin_dir) as maps:
+        if maps.target(Direction.FROM_VM) != record.nic_ifindex:
+            problems.append("no fast-path target towards the NIC")
+        if maps.target(Direction.TO_VM) != record.tap_ifindex:
+            problems.append("no fast-path target towards the tap")
+    return problems
+
+
+def status_of(name: str) -> Status | None:
+    pin_dir = pin_dir_of(name)
+    record = read_record(pin_dir)
+    if record is None:
+        return None
+    try:
+        with AttachmentMaps(pin_dir) as maps:
+            counters = maps.counters()
+    except BpfError:
+        counters = Counters.zero()
+    if netns.identity_of(record.netns) != record.netns_id:
+        return Status(record, STATE_ORPHANED, ("the pod's network namespace is gone",), counters)
+    try:
+        with netdev.open_netns(record.netns) as ipr:
+            problems = _problems(ipr, record, pin_dir)
+    except TcbError as exc:
+        return Status(record, STATE_ORPHANED, (exc.message,), counters)
+    return Status(record, STATE_STALE if problems else STATE_ACTIVE, tuple(problems), counters)
+
+
+def statuses() -> list[Status]:
+    return [s for s in map(status_of, names()) if s is not None]

@@ -1,0 +1,147 @@
+"""Compile bpf/redirect.c with bcc, load both entry programs as SCHED_CLS and
+pin one attachment's instance (programs and maps) under our bpffs directory.
+
+Why one instance per attachment: ifindexes are per network namespace, so
+`tap0` is ifindex 3 in every virt-launcher pod. An instance's maps receive
+only its own attachment's entries and its programs are attached only to
+that attachment's two devices, so pods can never read each other's entries,
+on any kernel (bpf_get_netns_cookie() in tc programs is too new to rely on).
+The price is one compile per attachment (a few hundred ms), paid once:
+re-attach, detach and status reuse the pins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from . import bpfsys
+from .errors import BpfError
+from .maps import EGRESS, META, META_SIZE, PORTS, PROG_FROM_VM, PROG_TO_VM, STATS
+
+BPFFS = "/sys/fs/bpf"
+PIN_VERSION = "v1"
+PIN_ROOT = f"{BPFFS}/tcbypass/{PIN_VERSION}"
+MAX_PORTS = 4  # tap + NIC, and room for a new tap while the old one is dropped
+
+
+def source_path() -> Path:
+    """redirect.c as installed in the wheel, or in a source checkout."""
+    packaged = resources.files("tcbypass") / "bpf" / "redirect.c"
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "bpf" / "redirect.c"
+
+
+def cflags(test: bool = False) -> list[str]:
+    flags = [f"-DTCB_MAX_PORTS={MAX_PORTS}"]
+    if test:
+        flags.append("-DTCB_TEST")
+    return flags
+
+
+@functools.lru_cache(maxsize=4)
+def digest(test: bool = False) -> str:
+    """Identifies the program a pin was built from: source and cflags."""
+    h = hashlib.sha256(source_path().read_bytes())
+    h.update(" ".join(cflags(test)).encode())
+    return h.hexdigest()[:16]
+
+
+def bpffs_ready() -> None:
+    if not os.path.ismount(BPFFS):
+        raise BpfError(f"bpffs is not mounted on {BPFFS}", hint=f"run: mount -t bpf bpf {BPFFS}")
+    try:
+        os.makedirs(PIN_ROOT, exist_ok=True)
+    except OSError as exc:
+        raise BpfError(f"cannot create {PIN_ROOT} ({exc.strerror})",
+                       hint="bpffs must be mounted read-write and we must be root") from None
+
+
+def compile_and_pin(pin_dir: str, test: bool = False) -> None:
+    """Build a fresh instance and pin it in `pin_dir` (which must not exist)."""
+    try:
+        from bcc import BPF  # a system package; imported only where compiling
+    except ImportError:
+        raise BpfError("bcc is not importable", hint="install python3-bpfcc and use a venv with "
+                       "--system-site-packages (scripts/setup.sh)") from None
+    bpffs_ready()
+    os.mkdir(pin_dir)
+    try:
+        try:
+            bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags(test))
+        except Exception as exc:
+            raise BpfError(f"bcc could not compile {source_path().name} ({exc})",
+                           hint="kernel headers missing? run 'tcbypass doctor'") from None
+        try:
+            for prog in (PROG_FROM_VM, PROG_TO_VM):
+                fn = bpf.load_func(prog, BPF.SCHED_CLS)
+                bpfsys.obj_pin(fn.fd, f"{pin_dir}/{prog}")
+            for table in (PORTS, EGRESS, STATS) + (("tcb_test_target",) if test else ()):
+                bpfsys.obj_pin(bpf[table].map_fd, f"{pin_dir}/{table}")
+        finally:
+            bpf.cleanup()
+        meta_fd = bpfsys.map_create_array(META, META_SIZE, 1)
+        try:
+            bpfsys.obj_pin(meta_fd, f"{pin_dir}/{META}")
+        finally:
+            os.close(meta_fd)
+    except BaseException:
+        remove_pins(pin_dir)
+        raise
+
+
+def remove_pins(pin_dir: str) -> None:
+    """Unpin everything in `pin_dir`; the kernel frees what nothing else holds."""
+    if os.path.isdir(pin_dir):
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        if os.path.isdir(pin_dir):  # rmtree is best effort; say so rather than leak quietly
+            raise BpfError(f"could not remove {pin_dir}", hint=f"remove it by hand: rm -r {pin_dir}")
+
+
+@dataclass
+class Programs:
+    """Open fds of an instance's two programs."""
+
+    from_vm: int
+    to_vm: int
+
+    def close(self) -> None:
+        for fd in (self.from_vm, self.to_vm):
+            os.close(fd)
+
+    def __enter__(self) -> "Programs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_programs(pin_dir: str) -> Programs:
+    try:
+        from_vm = bpfsys.obj_get(f"{pin_dir}/{PROG_FROM_VM}")
+    except OSError as exc:
+        raise BpfError(f"cannot open {pin_dir}/{PROG_FROM_VM} ({exc.strerror})") from None
+    try:
+        to_vm = bpfsys.obj_get(f"{pin_dir}/{PROG_TO_VM}")
+    except OSError as exc:
+        os.close(from_vm)
+        raise BpfError(f"cannot open {pin_dir}/{PROG_TO_VM} ({exc.strerror})") from None
+    return Programs(from_vm, to_vm)
+
+
+def read_test_target(pin_dir: str) -> int:
+    """The last redirect target recorded by a TCB_TEST build."""
+    fd = bpfsys.obj_get(f"{pin_dir}/tcb_test_target")
+    try:
+        value = ctypes.c_uint32()
+        bpfsys.map_lookup(fd, ctypes.c_uint32(0), value)
+        return value.value
+    finally:
+        os.close(fd)

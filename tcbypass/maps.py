@@ -1,0 +1,219 @@
+"""The program's maps as Python sees them: the enums and structs shared with
+bpf/redirect.c (declared there once, mirrored here once) and typed access to
+one attachment's pinned maps.
+
+tcb_ports   ingress ifindex -> struct tcb_port   (the MAC map)
+tcb_egress  enum tcb_dir    -> egress ifindex    (the ifindex map, a devmap)
+tcb_stats   0               -> struct tcb_counters, per CPU
+tcb_meta    0               -> the attachment record (JSON), made here, not in C
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import os
+from dataclasses import dataclass, field
+
+from . import bpfsys
+from .errors import BpfError, InputError
+
+
+class Direction(enum.IntEnum):
+    """enum tcb_dir."""
+
+    FROM_VM = 0  # tap ingress -> NIC egress
+    TO_VM = 1  # NIC ingress -> tap egress
+
+
+class Reason(enum.IntEnum):
+    """enum tcb_reason: why a frame was left to the bridge."""
+
+    UNKNOWN_DEV = 0
+    RUNT = 1
+    MULTICAST = 2
+    FOREIGN_MAC = 3
+    LOCAL = 4
+    ETHERTYPE = 5
+    DHCP = 6
+    NO_TARGET = 7
+
+
+# tcb_port.flags
+F_DHCP_TO_BRIDGE = 0x1
+
+# TC verdicts (uapi/linux/pkt_cls.h) the program may return.
+TC_ACT_OK = 0
+TC_ACT_REDIRECT = 7
+
+# Pin and map names (bpffs names may not contain a dot).
+PORTS, EGRESS, STATS, META = "tcb_ports", "tcb_egress", "tcb_stats", "tcb_meta"
+PROG_FROM_VM, PROG_TO_VM = "tcb_from_vm", "tcb_to_vm"
+META_SIZE = 4096
+
+
+class PortEntry(ctypes.Structure):
+    """struct tcb_port."""
+
+    _fields_ = [
+        ("vm_mac", ctypes.c_uint8 * 6),
+        ("local_mac", ctypes.c_uint8 * 6),
+        ("dir", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class CountersEntry(ctypes.Structure):
+    """struct tcb_counters (one CPU's share)."""
+
+    _fields_ = [
+        ("redirect_packets", ctypes.c_uint64 * len(Direction)),
+        ("redirect_bytes", ctypes.c_uint64 * len(Direction)),
+        ("pass_packets", ctypes.c_uint64 * len(Reason)),
+    ]
+
+
+def parse_mac(text: str) -> bytes:
+    """'52:54:00:12:34:56' -> 6 bytes. Unicast only: a VM's own MAC is never a group address."""
+    parts = text.strip().lower().replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise InputError(f"malformed MAC address {text!r}", hint="write it as six hex pairs, e.g. 52:54:00:12:34:56")
+    try:
+        raw = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise InputError(f"malformed MAC address {text!r}", hint="write it as six hex pairs, e.g. 52:54:00:12:34:56") from None
+    if raw[0] & 1:
+        raise InputError(f"{text} is a multicast MAC address", hint="give the VM's unicast MAC")
+    if raw == bytes(6):
+        raise InputError("00:00:00:00:00:00 is not a usable MAC address", hint="give the VM's MAC")
+    return raw
+
+
+def format_mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def port_entry(vm_mac: bytes, local_mac: bytes, direction: Direction, flags: int) -> PortEntry:
+    entry = PortEntry(dir=int(direction), flags=flags)
+    ctypes.memmove(entry.vm_mac, vm_mac, 6)
+    ctypes.memmove(entry.local_mac, local_mac, 6)
+    return entry
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Counters of one attachment, summed over CPUs."""
+
+    redirect_packets: dict = field(default_factory=dict)  # Direction name -> int
+    redirect_bytes: dict = field(default_factory=dict)
+    passed: dict = field(default_factory=dict)  # Reason name -> int
+
+    @classmethod
+    def zero(cls) -> "Counters":
+        return cls({d.name.lower(): 0 for d in Direction}, {d.name.lower(): 0 for d in Direction},
+                   {r.name.lower(): 0 for r in Reason})
+
+    def to_json(self) -> dict:
+        return {
+            "redirected_packets": dict(self.redirect_packets),
+            "redirected_bytes": dict(self.redirect_bytes),
+            "passed_packets": dict(self.passed),
+        }
+
+
+def sum_counters(per_cpu: list[CountersEntry]) -> Counters:
+    return Counters(
+        {d.name.lower(): sum(c.redirect_packets[d] for c in per_cpu) for d in Direction},
+        {d.name.lower(): sum(c.redirect_bytes[d] for c in per_cpu) for d in Direction},
+        {r.name.lower(): sum(c.pass_packets[r] for c in per_cpu) for r in Reason},
+    )
+
+
+class AttachmentMaps:
+    """Open fds of one attachment's pinned maps; use as a context manager."""
+
+    def __init__(self, pin_dir: str):
+        self.pin_dir = pin_dir
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> "AttachmentMaps":
+        try:
+            for name in (PORTS, EGRESS, STATS, META):
+                self._fds[name] = bpfsys.obj_get(f"{self.pin_dir}/{name}")
+        except OSError as exc:
+            self.close()
+            raise BpfError(f"cannot open the pinned maps in {self.pin_dir} ({exc.strerror})",
+                           hint="run 'tcbypass gc' to clear a broken attachment, then attach again") from exc
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # --- tcb_ports -----------------------------------------------------
+    def set_port(self, ifindex: int, entry: PortEntry) -> None:
+        try:
+            bpfsys.map_update(self._fds[PORTS], ctypes.c_uint32(ifindex), entry)
+        except OSError as exc:
+            raise BpfError(f"cannot write {PORTS}[{ifindex}] ({exc.strerror})",
+                           hint="the map is full or was replaced; run 'tcbypass gc' and attach again") from exc
+
+    def port(self, ifindex: int) -> PortEntry | None:
+        entry = PortEntry()
+        return entry if bpfsys.map_lookup(self._fds[PORTS], ctypes.c_uint32(ifindex), entry) else None
+
+    def port_ifindexes(self) -> list[int]:
+        return [k.value for k in bpfsys.map_keys(self._fds[PORTS], ctypes.c_uint32)]
+
+    def drop_port(self, ifindex: int) -> None:
+        bpfsys.map_delete(self._fds[PORTS], ctypes.c_uint32(ifindex))
+
+    # --- tcb_egress (a devmap) -------------------------------------------
+    def set_target(self, direction: Direction, ifindex: int) -> None:
+        """Point `direction` at `ifindex`. The kernel resolves the ifindex in
+        the calling thread's network namespace: call this from inside the pod
+        (netns.run_in)."""
+        try:
+            bpfsys.map_update(self._fds[EGRESS], ctypes.c_uint32(int(direction)), ctypes.c_uint32(ifindex))
+        except OSError as exc:
+            raise BpfError(f"cannot point {direction.name.lower()} at ifindex {ifindex} ({exc.strerror})",
+                           hint="the device vanished while attaching; attach again") from exc
+
+    def target(self, direction: Direction) -> int | None:
+        value = ctypes.c_uint32()
+        return value.value if bpfsys.map_lookup(self._fds[EGRESS], ctypes.c_uint32(int(direction)), value) else None
+
+    # --- tcb_stats -------------------------------------------------------
+    def counters(self) -> Counters:
+        ncpu = bpfsys.possible_cpus()
+        values = (CountersEntry * ncpu)()
+        if not bpfsys.map_lookup(self._fds[STATS], ctypes.c_uint32(0), values):
+            return Counters.zero()
+        return sum_counters(list(values))
+
+    # --- tcb_meta --------------------------------------------------------
+    def write_record(self, record: dict) -> None:
+        blob = json.dumps(record, sort_keys=True).encode()
+        if len(blob) > META_SIZE - 4:
+            raise BpfError(f"attachment record too large ({len(blob)} bytes)", hint="use shorter names")
+        buf = (ctypes.c_uint8 * META_SIZE)()
+        ctypes.memmove(buf, len(blob).to_bytes(4, "little") + blob, len(blob) + 4)
+        bpfsys.map_update(self._fds[META], ctypes.c_uint32(0), buf)
+
+    def read_record(self) -> dict | None:
+        buf = (ctypes.c_uint8 * META_SIZE)()
+        if not bpfsys.map_lookup(self._fds[META], ctypes.c_uint32(0), buf):
+            return None
+        raw = bytes(buf)
+        size = int.from_bytes(raw[:4], "little")
+        if not 0 < size <= META_SIZE - 4:
+            return None
+        try:
+            return json.loads(raw[4:4 + size])
+        except ValueError:
+            return None

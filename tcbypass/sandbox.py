@@ -1,0 +1,274 @@
+"""Emulated KubeVirt/Kube-OVN wiring on one machine, for the demo, the
+benchmark and the tests.
+
+It builds, with network namespaces, exactly what virt-handler and Kube-OVN
+build on a node (see shared/KUBEVIRT.md):
+
+    vm netns                 virt-launcher pod netns                     node netns (private OVS)
+    eth0 (VM MAC, VM IP) ==  tap0 --[ k6t-eth0 ]-- eth0-nic  <-veth->  <cid12>_h in br-int
+                             eth0: stand-in for KubeVirt's dummy (pod MAC)
+
+The VM side is a veth (`vm_link="veth"`), or a real tap device for a real
+guest (`vm_link="tap"`, used by the qemu tests). Every object carries a
+random tag in its name and `Sandbox.close()` removes all of them, also after
+a failure. Nothing here touches a system OVS: the private one runs its own
+ovsdb-server and ovs-vswitchd from a private run directory, inside the
+node namespace, with the userspace datapath.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+NETNS_DIR = "/var/run/netns"
+
+
+def sh(*args: str, check: bool = True, netns: str | None = None, timeout: float = 30,
+       env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command (inside `netns` when given, via nsenter so bpffs stays visible)."""
+    cmd = list(args)
+    if netns:
+        cmd = ["nsenter", f"--net={NETNS_DIR}/{netns}", "--"] + cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def mac_for(seed: str) -> str:
+    """A stable locally administered unicast MAC."""
+    h = hashlib.sha256(seed.encode()).digest()
+    return "0a:" + ":".join(f"{b:02x}" for b in h[:5])
+
+
+@dataclass
+class VmNic:
+    """One bridge-bound NIC of an emulated VM, and the names KubeVirt gives its parts."""
+
+    iface_id: str
+    pod_ns: str  # the virt-launcher pod's netns name
+    vm_ns: str  # the "VM" side netns ("" for a real guest on a tap)
+    tap: str
+    bridge: str
+    nic: str
+    dummy: str
+    host_port: str  # the veth end in the node namespace (in OVS)
+    mac: str
+    ip: str
+    prefix: int = 24
+    vm_dev: str = "eth0"
+
+
+@dataclass
+class Sandbox:
+    """A node with a private OVS, pods wired like Kube-OVN and KubeVirt. Use `with`."""
+
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    ovs: bool = True
+    netns_names: list = field(default_factory=list)
+    run_dir: str = ""
+    bridge: str = "br-int"
+    _pids: list = field(default_factory=list)
+
+    # --- lifecycle --------------------------------------------------------
+    def __enter__(self) -> "Sandbox":
+        try:
+            self.node = self.add_netns("node")
+            if self.ovs:
+                self._start_ovs()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for pid in reversed(self._pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in self._pids:
+            for _ in range(50):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.02)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._pids.clear()
+        for name in reversed(self.netns_names):
+            sh("ip", "netns", "delete", name, check=False)
+        self.netns_names.clear()
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def add_netns(self, role: str) -> str:
+        name = f"tcb{self.tag}-{role}"
+        sh("ip", "netns", "add", name)
+        self.netns_names.append(name)
+        sh("ip", "link", "set", "lo", "up", netns=name)
+        return name
+
+    @staticmethod
+    def netns_path(name: str) -> str:
+        return f"{NETNS_DIR}/{name}"
+
+    # --- private OVS --------------------------------------------------------
+    @property
+    def ovsdb_url(self) -> str:
+        return f"unix:{self.run_dir}/db.sock"
+
+    def _start_ovs(self) -> None:
+        self.run_dir = f"/run/tcbypass-sandbox-{self.tag}"
+        os.makedirs(self.run_dir)
+        env = {"OVS_RUNDIR": self.run_dir, "OVS_LOGDIR": self.run_dir, "OVS_DBDIR": self.run_dir}
+        db = f"{self.run_dir}/conf.db"
+        sh("ovsdb-tool", "create", db, "/usr/share/openvswitch/vswitch.ovsschema")
+        sh("ovsdb-server", db, f"--remote=punix:{self.run_dir}/db.sock", f"--pidfile={self.run_dir}/ovsdb-server.pid",
+           f"--unixctl={self.run_dir}/ovsdb-server.ctl", f"--log-file={self.run_dir}/ovsdb-server.log",
+           "--detach", "--no-chdir", env=env)
+        self._pids.append(self._pid("ovsdb-server"))
+        self.vsctl("--no-wait", "init")
+        sh("ovs-vswitchd", self.ovsdb_url, f"--pidfile={self.run_dir}/ovs-vswitchd.pid",
+           f"--unixctl={self.run_dir}/ovs-vswitchd.ctl", f"--log-file={self.run_dir}/ovs-vswitchd.log",
+           "--detach", "--no-chdir", "-vconsole:off", netns=self.node, env=env)
+        self._pids.append(self._pid("ovs-vswitchd"))
+        # No kernel module here: the userspace datapath. tcbypass does not care which.
+        self.vsctl("add-br", self.bridge, "--", "set", "bridge", self.bridge, "datapath_type=netdev")
+
+    def _pid(self, daemon: str) -> int:
+        with open(f"{self.run_dir}/{daemon}.pid") as f:
+            return int(f.read().strip())
+
+    def vsctl(self, *args: str) -> str:
+        return sh("ovs-vsctl", f"--db={self.ovsdb_url}", "--timeout=10", *args).stdout.strip()
+
+    def restart_ovsdb(self) -> None:
+        """Stop and start ovsdb-server on the same socket (for reconnect tests)."""
+        pid = self._pid("ovsdb-server")
+        os.kill(pid, signal.SIGTERM)
+        self._pids.remove(pid)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.02)
+        env = {"OVS_RUNDIR": self.run_dir}
+        sh("ovsdb-server", f"{self.run_dir}/conf.db", f"--remote=punix:{self.run_dir}/db.sock",
+           f"--pidfile={self.run_dir}/ovsdb-server.pid", f"--unixctl={self.run_dir}/ovsdb-server.ctl",
+           f"--log-file={self.run_dir}/ovsdb-server.log", "--detach", "--no-chdir", env=env)
+        self._pids.insert(0, self._pid("ovsdb-server"))
+
+    # --- pods ---------------------------------------------------------------
+    def _plug(self, pod_ns: str, pod_dev: str, pod_name: str, namespace: str, iface_id: str, ip: str,
+              container_id: str, suffix: str = "") -> str:
+        """What Kube-OVN's CNI does: a veth, the host end in br-int with its external_ids."""
+        host = f"{container_id[:12 - len(suffix)]}{suffix}_h"
+        sh("ip", "link", "add", host, "netns", self.node, "type", "veth", "peer", "name", pod_dev, "netns", pod_ns)
+        sh("ip", "link", "set", host, "up", netns=self.node)
+        if self.ovs:
+            ids = {"iface-id": iface_id, "vendor": "kube-ovn", "pod_name": pod_name, "pod_namespace": namespace,
+                   "ip": ip, "pod_netns": self.netns_path(pod_ns)}
+            self.vsctl("--may-exist", "add-port", self.bridge, host, "--", "set", "interface", host,
+                       *[f"external_ids:{k}={json.dumps(v)}" for k, v in ids.items()])
+        return host
+
+    def add_server_pod(self, name: str, ip: str, namespace: str = "default", prefix: int = 24) -> str:
+        """An ordinary pod on the same node: the VM's peer for traffic."""
+        ns = self.add_netns(f"srv-{name}"[:20])
+        cid = secrets.token_hex(32)
+        self._plug(ns, "eth0", name, namespace, f"{name}.{namespace}", ip, cid)
+        sh("ip", "link", "set", "eth0", "address", mac_for(f"{self.tag}{name}"), netns=ns)
+        sh("ip", "addr", "add", f"{ip}/{prefix}", "dev", "eth0", netns=ns)
+        sh("ip", "link", "set", "eth0", "up", netns=ns)
+        if self.ovs:
+            sh("ethtool", "-K", "eth0", "tx", "off", netns=ns, check=False)  # as Kube-OVN does on userspace OVS
+        return ns
+
+    def add_vm(self, vmi: str, ips: list[str], namespace: str = "default", vm_link: str = "veth",
+               providers: tuple[str, ...] = ()) -> list[VmNic]:
+        """A virt-launcher pod with bridge binding for VMI `vmi`: one NIC per IP.
+
+        The first NIC is the primary (tap0, k6t-eth0, eth0-nic, dummy eth0);
+        the others are secondary (tap<hash>, k6t-<hash>, <hash>-nic, dummy
+        pod<hash>), each plugged into OVS by Kube-OVN as provider
+        `providers[i-1]`.
+        """
+        pod_ns = self.add_netns(f"pod-{vmi}"[:20])
+        vm_ns = self.add_netns(f"vm-{vmi}"[:20]) if vm_link == "veth" else ""
+        cid = secrets.token_hex(32)
+        nics = []
+        for i, ip in enumerate(ips):
+            if i == 0:
+                names = dict(tap="tap0", bridge="k6t-eth0", nic="eth0-nic", dummy="eth0")
+                iface_id, suffix, vm_dev = f"{vmi}.{namespace}", "", "eth0"
+            else:
+                net = providers[i - 1] if i - 1 < len(providers) else f"net{i}"
+                h = hashlib.sha256(net.encode()).hexdigest()[:11]  # KubeVirt hashes the network name
+                names = dict(tap=f"tap{h}", bridge=f"k6t-{h}", nic=f"{h}-nic", dummy=f"pod{h}")
+                iface_id, suffix, vm_dev = f"{vmi}.{namespace}.{net}", f"_{i}", f"eth{i}"
+            mac = mac_for(f"{self.tag}{vmi}{i}")
+            nic = VmNic(iface_id=iface_id, pod_ns=pod_ns, vm_ns=vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
+                        host_port="", **names)
+            nic.host_port = self._plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ip, cid, suffix)
+            self._bridge_bind(nic, vm_link)
+            nics.append(nic)
+        return nics
+
+    def _bridge_bind(self, nic: VmNic, vm_link: str) -> None:
+        """What virt-handler does for bridge binding, inside the pod."""
+        p = nic.pod_ns
+        # The CNI's interface carries the pod's MAC and IP. KubeVirt renames it,
+        # gives it a new MAC, and moves the MAC and IP to a dummy of the old name.
+        sh("ip", "link", "set", nic.dummy, "name", nic.nic, netns=p)
+        sh("ip", "link", "set", nic.nic, "address", mac_for(f"{nic.mac}-nic"), netns=p)
+        # No dummy driver in every kernel: a bridge without ports holds a MAC and
+        # addresses and carries nothing, which is all KubeVirt's dummy does.
+        sh("ip", "link", "add", nic.dummy, "type", "bridge", netns=p)
+        sh("ip", "link", "set", nic.dummy, "address", nic.mac, netns=p)
+        sh("ip", "addr", "add", f"{nic.ip}/{nic.prefix}", "dev", nic.dummy, netns=p)
+        sh("ip", "link", "add", nic.bridge, "type", "bridge", netns=p)
+        sh("ip", "addr", "add", "169.254.75.10/32", "dev", nic.bridge, netns=p)
+        if vm_link == "veth":
+            sh("ip", "link", "add", nic.tap, "netns", p, "type", "veth", "peer", "name", nic.vm_dev,
+               "netns", nic.vm_ns)
+            v = nic.vm_ns
+            sh("ip", "link", "set", nic.vm_dev, "address", nic.mac, netns=v)
+            sh("ip", "addr", "add", f"{nic.ip}/{nic.prefix}", "dev", nic.vm_dev, netns=v)
+            sh("ip", "link", "set", nic.vm_dev, "up", netns=v)
+            if self.ovs:
+                sh("ethtool", "-K", nic.vm_dev, "tx", "off", netns=v, check=False)
+        else:
+            sh("ip", "tuntap", "add", "dev", nic.tap, "mode", "tap", "vnet_hdr", netns=p)
+        for dev in (nic.tap, nic.nic):
+            sh("ip", "link", "set", dev, "master", nic.bridge, netns=p)
+            sh("ip", "link", "set", dev, "up", netns=p)
+        sh("bridge", "link", "set", "dev", nic.nic, "learning", "off", netns=p)
+        sh("ip", "link", "set", nic.bridge, "up", netns=p)
+        sh("ip", "link", "set", nic.dummy, "up", netns=p)
+
+    def block_bridge_unicast(self, nic: VmNic) -> None:
+        """Make the bridge unable to forward unicast between its ports:
+        no learning, no unknown-unicast flooding, FDB flushed. Broadcast
+        still floods, so ARP requests and DHCP still cross."""
+        for dev in (nic.tap, nic.nic):
+            sh("bridge", "link", "set", "dev", dev, "learning", "off", "flood", "off", netns=nic.pod_ns)
+        sh("ip", "link", "set", nic.bridge, "type", "bridge", "ageing_time", "0", netns=nic.pod_ns, check=False)
+        for dev in (nic.tap, nic.nic):
+            for line in sh("bridge", "fdb", "show", "dev", dev, netns=nic.pod_ns).stdout.splitlines():
+                mac = line.split()[0]
+                if "permanent" in line:
+                    continue
+                sh("bridge", "fdb", "del", mac, "dev", dev, "master", netns=nic.pod_ns, check=False)
