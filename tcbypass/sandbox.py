@@ -272,3 +272,21 @@ class Sandbox:
                 if "permanent" in line:
                     continue
                 sh("bridge", "fdb", "del", mac, "dev", dev, "master", netns=nic.pod_ns, check=False)
+
+
+def destroy(tag: str) -> list[str]:
+    """Remove a sandbox left up (demo --keep) by its tag: daemons, namespaces, run directory."""
+    removed = []
+    run_dir = f"/run/tcbypass-sandbox-{tag}"
+    for daemon in ("ovs-vswitchd", "ovsdb-server"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"{run_dir}/{daemon}.pid") as f:
+                os.kill(int(f.read().strip()), signal.SIGTERM)
+            removed.append(daemon)
+    for line in sh("ip", "netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(f"tcb{tag}-"):
+            sh("ip", "netns", "delete", name, check=False)
+            removed.append(name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return removed

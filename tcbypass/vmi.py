@@ -1,0 +1,117 @@
+"""`attach <vmi>`, `detach <vmi>`, `status`: VMIs on top of attachments.
+
+A VMI's bridge-bound NICs are discovered from Kube-OVN's port rows in OVSDB
+and the devices in the pod (discovery.py); each becomes one attachment named
+by its Kube-OVN iface-id. Attaching a VMI is all or nothing: if one NIC
+fails, the NICs this call attached are detached again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from . import attachments, netdev, netns, ovsdb
+from .discovery import NicPlan, plan_nic
+from .errors import NetnsError, NotBypassableError, UnknownVmiError
+from .model import AttachResult, Record, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    ovsdb_url: str = ""  # "" means $TCBYPASS_OVSDB or the Kube-OVN default socket
+    ovs_netns: str = ""  # where OVS's ports live; "" means this process's namespace
+    ovsdb_timeout: float = ovsdb.TIMEOUT
+
+    @property
+    def url(self) -> str:
+        return self.ovsdb_url or ovsdb.default_url()
+
+
+@dataclass(frozen=True)
+class VmiResult:
+    vmi: str
+    namespace: str
+    attached: tuple[AttachResult, ...]
+    skipped: tuple[NicPlan, ...]  # NICs that are not bridge-bound (with the reason)
+    removed: tuple[Record, ...]  # attachments of NICs the VMI no longer has
+
+
+def _host_links(settings: Settings) -> dict[str, netdev.Link]:
+    if settings.ovs_netns:
+        with netdev.open_netns(netns.path_of(settings.ovs_netns)) as ipr:
+            return netdev.list_links(ipr)
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return netdev.list_links(ipr)
+
+
+def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True) -> list[NicPlan]:
+    """One plan per Kube-OVN port of the VMI; raises when the VMI is unknown or its pod is gone."""
+    ports = ovsdb.kubeovn_ports(settings.url, settings.ovsdb_timeout, pod_namespace=namespace)
+    mine = sorted((p for p in ports if p.pod_name == vmi), key=lambda p: p.iface_id)
+    if not mine:
+        known = sorted({p.pod_name for p in ports if p.pod_name})
+        listing = ", ".join(known) if known else "none"
+        raise UnknownVmiError(f"no VMI {vmi!r} in namespace {namespace!r} on this node",
+                              hint=f"pods and VMIs with Kube-OVN ports in {namespace!r} here: {listing}")
+    host = _host_links(settings)
+    pod_links: dict[str, dict[str, netdev.Link]] = {}
+    plans = []
+    for port in mine:
+        if port.pod_netns not in pod_links:
+            if netns.identity_of(port.pod_netns) is None:
+                raise NetnsError(f"the pod network namespace of {vmi} ({port.pod_netns or 'unset'}) is gone",
+                                 hint="the virt-launcher pod is not running on this node; nothing to attach")
+            with netdev.open_netns(port.pod_netns) as ipr:
+                pod_links[port.pod_netns] = netdev.list_links(ipr)
+        plans.append(plan_nic(port, host.get(port.name), pod_links[port.pod_netns], dhcp_to_bridge))
+    return plans
+
+
+def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True) -> VmiResult:
+    plans = discover(vmi, namespace, settings, dhcp_to_bridge)
+    good = [p for p in plans if p.ok]
+    skipped = tuple(p for p in plans if not p.ok)
+    if not good:
+        reasons = "; ".join(f"{p.port.iface_id or p.port.name}: {p.reason}" for p in skipped)
+        raise NotBypassableError(f"VMI {namespace}/{vmi} has no bypassable NIC ({reasons})",
+                                 hint="tcbypass serves KubeVirt's bridge binding (and managedTap) only")
+    done: list[AttachResult] = []
+    try:
+        for plan in good:
+            done.append(attachments.attach(plan.spec))
+    except BaseException:
+        for result in done:
+            if result.action == "attached":  # only what this call created
+                with contextlib.suppress(Exception):
+                    attachments.detach(result.record.name)
+        raise
+    wanted = {p.spec.name for p in good}
+    gone = [n for n in attachment_names(vmi, namespace) if n not in wanted]
+    removed = tuple(r for r in map(attachments.detach, gone) if r is not None)
+    return VmiResult(vmi, namespace, tuple(done), skipped, removed)
+
+
+def attachment_names(vmi: str, namespace: str) -> list[str]:
+    """Attachments recorded for the VMI's NICs."""
+    names = []
+    for name in attachments.names():
+        record = attachments.read_record(attachments.pin_dir_of(name))
+        if record is not None and record.vmi == vmi and record.namespace == namespace:
+            names.append(name)
+    return names
+
+
+def detach_vmi(vmi: str, namespace: str) -> list[Record]:
+    """Detach every NIC of the VMI. Needs no OVSDB: the records say what is attached."""
+    return [r for r in map(attachments.detach, attachment_names(vmi, namespace)) if r is not None]
+
+
+def statuses(namespace: str | None = None, vmi: str | None = None) -> list[Status]:
+    return [s for s in attachments.statuses()
+            if (namespace is None or s.record.namespace == namespace) and (vmi is None or s.record.vmi == vmi)]
