@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 
@@ -16,32 +15,27 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, attachments, ovsdb
-from .errors import EXIT_DEGRADED, NotRootError, TcbError
-from .model import STATE_ACTIVE, AttachSpec, Status, check_name
-from .vmi import Settings, attach_vmi, detach_vmi
-from .vmi import statuses as vmi_statuses
+from . import __version__, ovsdb
+from .backend import NodeBackend
+from .errors import EXIT_DEGRADED, TcbError
+from .model import STATE_ACTIVE, AttachSpec, Status
+from .vmi import Settings
 
 DEFAULT_NAMESPACE = "default"
 
 
 @dataclass
 class App:
-    """What every command shares: one console for output, one for errors."""
+    """What every command shares: the node backend, one console for output, one for errors."""
 
+    backend: NodeBackend
     console: Console
     err: Console
-    debug: bool
+    debug: bool = False
 
 
 def _require_root(app: App, what: str) -> None:
-    if os.geteuid() != 0:
-        _run(app, _raise, NotRootError(f"tcbypass {what} needs root (CAP_BPF, CAP_NET_ADMIN, bpffs)",
-                                       hint=f"run: sudo tcbypass {what} ..."))
-
-
-def _raise(exc: Exception) -> None:
-    raise exc
+    _run(app, app.backend.require_root, what)
 
 
 def _run(app: App, fn, *args, **kwargs):
@@ -75,8 +69,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    console = Console() if sys.stdout.isatty() else Console(width=200)
-    ctx.obj = App(console, Console(stderr=True, width=1000 if not sys.stderr.isatty() else None), debug)
+    if ctx.obj is None:  # tests hand in an App with a fake backend
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        ctx.obj = App(NodeBackend(), console, Console(stderr=True, width=None if sys.stderr.isatty() else 1000))
+    ctx.obj.debug = ctx.obj.debug or debug
 
 
 def _settings(ovsdb_url: str | None, ovs_netns: str | None) -> Settings:
@@ -141,9 +137,10 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
     if not vmi:
         spec = AttachSpec(name=name or _default_name(netns, tap), netns=netns, tap=tap, nic=nic, mac=mac,
                           dhcp_to_bridge=not no_dhcp_passthrough)
-        _print_result(app, "", _run(app, attachments.attach, spec))
+        _print_result(app, "", _run(app, app.backend.attach_explicit, spec))
         return
-    result = _run(app, attach_vmi, vmi, namespace, _settings(ovsdb_url, ovs_netns), not no_dhcp_passthrough)
+    result = _run(app, app.backend.attach_vmi, vmi, namespace, _settings(ovsdb_url, ovs_netns),
+                  not no_dhcp_passthrough)
     for done in result.attached:
         _print_result(app, f"{namespace}/{vmi} ", done)
     for plan in result.skipped:
@@ -178,11 +175,7 @@ def detach(app: App, target: str, namespace: str) -> None:
     nothing was attached.
     """
     _require_root(app, "detach")
-    _run(app, check_name, target)
-    records = _run(app, detach_vmi, target, namespace)
-    if not records:
-        record = _run(app, attachments.detach, target)
-        records = [record] if record else []
+    records = _run(app, app.backend.detach, target, namespace)
     if not records:
         app.console.print(f"{target}: not attached, nothing to do", highlight=False)
     for r in records:
@@ -208,7 +201,7 @@ def status(app: App, vmi: str | None, namespace: str | None, as_json: bool) -> N
     _require_root(app, "status")
     if vmi and namespace is None:
         namespace = DEFAULT_NAMESPACE
-    rows = _run(app, vmi_statuses, namespace, vmi)
+    rows = _run(app, app.backend.statuses, namespace, vmi)
     if as_json:
         click.echo(json.dumps([s.to_json() for s in rows], indent=2))
     else:
@@ -267,7 +260,7 @@ def demo(app: App, keep: bool, cleanup: str | None) -> None:
 
     _require_root(app, "demo")
     if cleanup:
-        _run(app, detach_vmi, demo_mod.VMI, demo_mod.NAMESPACE)
+        _run(app, app.backend.detach, demo_mod.VMI, demo_mod.NAMESPACE)
         removed = destroy(cleanup)
         app.console.print(f"removed: {', '.join(removed) or 'nothing (unknown tag?)'}", highlight=False)
         return

@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import vmi as vmis
 from .model import Status
-from .sandbox import Sandbox, sh
+from .sandbox import Sandbox, ping, sh, tcp_transfer
 
 VMI, NAMESPACE = "demo-vm", "demo"
 SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
@@ -65,29 +65,6 @@ def _qperf_tcp_lat(sb: Sandbox, vm_ns: str, server_ns: str, seconds: float = 2.0
         server.wait()
 
 
-def _tcp_transfer(vm_ns: str, server_ns: str, nbytes: int = 4 << 20) -> int:
-    """Send `nbytes` over TCP from the VM to the server pod; returns what arrived."""
-    server = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{server_ns}", "--", "python3", "-c",
-                               "import socket,sys\n"
-                               "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                               f"s.bind(('{SERVER_IP}', 19766)); s.listen(1); s.settimeout(20)\n"
-                               "c,_=s.accept(); c.settimeout(20); n=0\n"
-                               "while True:\n d=c.recv(65536)\n if not d: break\n n+=len(d)\n"
-                               "print(n)\n"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.3)
-        sh("python3", "-c", "import socket\n"
-           f"s=socket.create_connection(('{SERVER_IP}', 19766), timeout=20)\n"
-           f"s.sendall(b'x' * {nbytes}); s.close()\n", netns=vm_ns, timeout=30)
-        out, _ = server.communicate(timeout=30)
-        return int(out.strip() or 0)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            server.kill()
-        server.wait()
-
-
 def run(keep: bool = False, step: Callable[[str], None] = lambda _: None) -> DemoReport:
     sb = Sandbox(ovs=True)
     step("starting a private Open vSwitch (ovsdb-server, ovs-vswitchd) in a node namespace")
@@ -110,13 +87,8 @@ def run(keep: bool = False, step: Callable[[str], None] = lambda _: None) -> Dem
         report.attach_ms = (time.monotonic() - started) * 1000
 
         step("sending traffic: 20 pings and a 4 MiB TCP transfer from the VM to the server pod")
-        out = sh("ping", "-c", "20", "-i", "0.05", "-W", "2", SERVER_IP, netns=nic.vm_ns, check=False).stdout
-        for line in out.splitlines():
-            if "packets transmitted" in line:
-                parts = line.split(",")
-                report.ping_sent = int(parts[0].split()[0])
-                report.ping_received = int(parts[1].split()[0])
-        report.tcp_bytes = _tcp_transfer(nic.vm_ns, server_ns)
+        report.ping_sent, report.ping_received = ping(nic.vm_ns, SERVER_IP, count=20)
+        report.tcp_bytes = tcp_transfer(nic.vm_ns, server_ns, SERVER_IP, 4 << 20)
 
         step("measuring latency through the bypass")
         report.latency_bypass_us = _qperf_tcp_lat(sb, nic.vm_ns, server_ns)

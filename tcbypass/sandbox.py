@@ -45,6 +45,61 @@ def sh(*args: str, check: bool = True, netns: str | None = None, timeout: float 
     return proc
 
 
+def ping(netns: str, ip: str, count: int = 3, interval: float = 0.05, wait: float = 1.0) -> tuple[int, int]:
+    """(sent, received) of `count` ICMP echoes from inside `netns`."""
+    out = sh("ping", "-c", str(count), "-i", str(interval), "-W", str(wait), ip, netns=netns, check=False,
+             timeout=count * (interval + wait) + 10).stdout
+    for line in out.splitlines():
+        if "packets transmitted" in line:
+            parts = line.split(",")
+            return int(parts[0].split()[0]), int(parts[1].split()[0])
+    return count, 0
+
+
+def wait_for_ping(netns: str, ip: str, timeout: float = 10.0) -> bool:
+    """Ping until one reply (links that just came up need a moment); False after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ping(netns, ip, count=1, wait=0.5)[1] == 1:
+            return True
+    return False
+
+
+def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, nbytes: int = 1 << 20, port: int = 19766,
+                 timeout: float = 20) -> int:
+    """Send `nbytes` over TCP from `client_ns` to a listener in `server_ns`; bytes that arrived."""
+    server = subprocess.Popen(
+        ["nsenter", f"--net={NETNS_DIR}/{server_ns}", "--", "python3", "-c",
+         "import socket, sys\n"
+         "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+         f"s.bind(('{server_ip}', {port})); s.listen(1); s.settimeout({timeout})\n"
+         f"c, _ = s.accept(); c.settimeout({timeout}); n = 0\n"
+         "while True:\n    d = c.recv(65536)\n    if not d: break\n    n += len(d)\n"
+         "print(n)\n"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for _ in range(50):  # until the listener is up
+            probe = sh("ss", "-Hltn", f"sport = :{port}", netns=server_ns, check=False).stdout
+            if probe.strip():
+                break
+            time.sleep(0.05)
+        sh("python3", "-c", "import socket\n"
+           f"s = socket.create_connection(('{server_ip}', {port}), timeout={timeout})\n"
+           f"s.sendall(b'x' * {nbytes}); s.close()\n", netns=client_ns, check=False, timeout=timeout + 5)
+        out, _ = server.communicate(timeout=timeout + 5)
+        return int(out.strip() or 0)
+    except (subprocess.TimeoutExpired, ValueError):
+        return 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def mac_of(netns: str, dev: str) -> str:
+    return json.loads(sh("ip", "-j", "link", "show", "dev", dev, netns=netns).stdout)[0]["address"]
+
+
 def mac_for(seed: str) -> str:
     """A stable locally administered unicast MAC."""
     h = hashlib.sha256(seed.encode()).digest()
@@ -223,11 +278,11 @@ class Sandbox:
             nic = VmNic(iface_id=iface_id, pod_ns=pod_ns, vm_ns=vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
                         host_port="", **names)
             nic.host_port = self._plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ip, cid, suffix)
-            self._bridge_bind(nic, vm_link)
+            self._bridge_bind(nic)
             nics.append(nic)
         return nics
 
-    def _bridge_bind(self, nic: VmNic, vm_link: str) -> None:
+    def _bridge_bind(self, nic: VmNic) -> None:
         """What virt-handler does for bridge binding, inside the pod."""
         p = nic.pod_ns
         # The CNI's interface carries the pod's MAC and IP. KubeVirt renames it,
@@ -241,7 +296,28 @@ class Sandbox:
         sh("ip", "addr", "add", f"{nic.ip}/{nic.prefix}", "dev", nic.dummy, netns=p)
         sh("ip", "link", "add", nic.bridge, "type", "bridge", netns=p)
         sh("ip", "addr", "add", "169.254.75.10/32", "dev", nic.bridge, netns=p)
-        if vm_link == "veth":
+        self._plug_vm(nic)
+        sh("ip", "link", "set", nic.nic, "master", nic.bridge, netns=p)
+        sh("ip", "link", "set", nic.nic, "up", netns=p)
+        sh("bridge", "link", "set", "dev", nic.nic, "learning", "off", netns=p)
+        sh("ip", "link", "set", nic.bridge, "up", netns=p)
+        sh("ip", "link", "set", nic.dummy, "up", netns=p)
+
+    def serve_on_host_port(self, nic: VmNic, ip: str) -> None:
+        """Without OVS: make the node end of the pod's veth the VM's peer."""
+        sh("ip", "addr", "add", f"{ip}/{nic.prefix}", "dev", nic.host_port, netns=self.node)
+
+    def restart_vm(self, nic: VmNic) -> None:
+        """What a VM restart does to the pod: the tap goes away and a new one
+        (new ifindex) joins the bridge. Veth VMs get a new veth pair."""
+        sh("ip", "link", "del", nic.tap, netns=nic.pod_ns)
+        self._plug_vm(nic)
+
+    def _plug_vm(self, nic: VmNic) -> None:
+        """The VM's side: a tap on the bridge (a veth pair into the VM netns
+        for emulated VMs, a real tap for qemu)."""
+        p = nic.pod_ns
+        if nic.vm_ns:
             sh("ip", "link", "add", nic.tap, "netns", p, "type", "veth", "peer", "name", nic.vm_dev,
                "netns", nic.vm_ns)
             v = nic.vm_ns
@@ -252,12 +328,8 @@ class Sandbox:
                 sh("ethtool", "-K", nic.vm_dev, "tx", "off", netns=v, check=False)
         else:
             sh("ip", "tuntap", "add", "dev", nic.tap, "mode", "tap", "vnet_hdr", netns=p)
-        for dev in (nic.tap, nic.nic):
-            sh("ip", "link", "set", dev, "master", nic.bridge, netns=p)
-            sh("ip", "link", "set", dev, "up", netns=p)
-        sh("bridge", "link", "set", "dev", nic.nic, "learning", "off", netns=p)
-        sh("ip", "link", "set", nic.bridge, "up", netns=p)
-        sh("ip", "link", "set", nic.dummy, "up", netns=p)
+        sh("ip", "link", "set", nic.tap, "master", nic.bridge, netns=p)
+        sh("ip", "link", "set", nic.tap, "up", netns=p)
 
     def block_bridge_unicast(self, nic: VmNic) -> None:
         """Make the bridge unable to forward unicast between its ports:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from . import attachments, netdev, netns, ovsdb
 from .discovery import NicPlan, plan_nic
 from .errors import NetnsError, NotBypassableError, UnknownVmiError
-from .model import AttachResult, Record, Status
+from .model import AttachResult, Record, Status, check_name
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,16 @@ def attachment_names(vmi: str, namespace: str) -> list[str]:
 def detach_vmi(vmi: str, namespace: str) -> list[Record]:
     """Detach every NIC of the VMI. Needs no OVSDB: the records say what is attached."""
     return [r for r in map(attachments.detach, attachment_names(vmi, namespace)) if r is not None]
+
+
+def detach_target(target: str, namespace: str) -> list[Record]:
+    """`detach VMI|NAME`: the VMI's NICs in `namespace` if it has any, else the attachment NAME."""
+    check_name(target)
+    records = detach_vmi(target, namespace)
+    if not records:
+        record = attachments.detach(target)
+        records = [record] if record else []
+    return records
 
 
 def statuses(namespace: str | None = None, vmi: str | None = None) -> list[Status]:

@@ -1,0 +1,33 @@
+"""What the CLI asks of the node, in one object.
+
+The CLI holds a backend in its App and calls nothing else that touches the
+kernel or OVSDB; unit tests give it a fake with the same methods and drive
+the CLI through click's CliRunner without root.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import attachments, vmi
+from .errors import NotRootError
+from .model import AttachResult, AttachSpec, Record, Status
+
+
+class NodeBackend:
+    def require_root(self, what: str) -> None:
+        if os.geteuid() != 0:
+            raise NotRootError(f"tcbypass {what} needs root (CAP_BPF, CAP_NET_ADMIN, bpffs)",
+                               hint=f"run: sudo tcbypass {what} ...")
+
+    def attach_explicit(self, spec: AttachSpec) -> AttachResult:
+        return attachments.attach(spec)
+
+    def attach_vmi(self, name: str, namespace: str, settings: vmi.Settings, dhcp_to_bridge: bool) -> vmi.VmiResult:
+        return vmi.attach_vmi(name, namespace, settings, dhcp_to_bridge)
+
+    def detach(self, target: str, namespace: str) -> list[Record]:
+        return vmi.detach_target(target, namespace)
+
+    def statuses(self, namespace: str | None, name: str | None) -> list[Status]:
+        return vmi.statuses(namespace, name)

@@ -1,0 +1,292 @@
+"""The datapath layer: bpf/redirect.c run through BPF_PROG_TEST_RUN.
+
+Cilium's pktgen -> setup -> check, in Python: a test builds a frame with
+scapy, the `dp` fixture has filled the maps of one TCB_TEST instance, and
+`dp.from_vm(frame)` / `dp.to_vm(frame)` run one of the two programs on it and
+return an `Outcome`: the tc verdict, the frame the kernel hands back, the
+redirect target the test build recorded, and how every counter moved.
+
+Why a network namespace: the ifindex in the test context and the ifindex a
+devmap entry holds are both resolved in the network namespace of the calling
+thread. So the devices are real veths in a namespace of our own, and both the
+devmap writes (set_target) and every test run happen on a thread inside it
+(netns.run_in). Pins stay in the host's bpffs view.
+
+Objects made here carry a random tag (netns `tcbdp-<tag>`, pins
+`/sys/fs/bpf/tcbypass/v1/dptest-<tag>`) and are removed even after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import pytest
+
+from tcbypass import bpfsys, loader, netns
+from tcbypass.maps import (
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    AttachmentMaps,
+    Counters,
+    Direction,
+    F_DHCP_TO_BRIDGE,
+    Reason,
+    parse_mac,
+    port_entry,
+)
+from tcbypass.sandbox import NETNS_DIR, sh
+
+from dp_frames import ADDR  # tests/datapath is on sys.path (pytest's prepend import mode)
+
+T = TypeVar("T")
+
+# Device names inside the test namespace. Each is one end of a veth pair
+# whose other end is `<name>-p`; only the first end is ever given to the program.
+TAP, NIC, STRAY = "dptap", "dpnic", "dpstray"
+
+
+# --- kernel objects ----------------------------------------------------------
+@dataclass(frozen=True)
+class Pod:
+    """A network namespace with a tap, a NIC and a device no port entry names."""
+
+    name: str
+    tap: int
+    nic: int
+    stray: int
+
+    @property
+    def path(self) -> str:
+        return f"{NETNS_DIR}/{self.name}"
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on a thread inside the namespace."""
+        return netns.run_in(self.path, fn)
+
+    def delete_nic(self) -> None:
+        """Unregister the NIC (and its peer), as when a pod's interface vanishes."""
+        sh("ip", "link", "delete", NIC, netns=self.name)
+
+
+@contextlib.contextmanager
+def pod_namespace() -> Iterator[Pod]:
+    """A uniquely named namespace with three veth pairs, all up; deleted on exit."""
+    name = f"tcbdp-{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", name)
+    try:
+        for dev in (TAP, NIC, STRAY):
+            sh("ip", "link", "add", dev, "type", "veth", "peer", "name", f"{dev}-p", netns=name)
+            sh("ip", "link", "set", dev, "up", netns=name)
+            sh("ip", "link", "set", f"{dev}-p", "up", netns=name)
+        index = netns.run_in(f"{NETNS_DIR}/{name}",
+                             lambda: {dev: socket.if_nametoindex(dev) for dev in (TAP, NIC, STRAY)})
+        yield Pod(name, tap=index[TAP], nic=index[NIC], stray=index[STRAY])
+    finally:
+        # Deleting the namespace destroys the veths in it.
+        sh("ip", "netns", "delete", name, check=False)
+
+
+@contextlib.contextmanager
+def compiled_instance() -> Iterator[str]:
+    """A freshly compiled TCB_TEST instance pinned in its own directory."""
+    pin_dir = f"{loader.PIN_ROOT}/dptest-{secrets.token_hex(3)}"
+    loader.compile_and_pin(pin_dir, test=True)  # removes its pins itself when it fails
+    try:
+        yield pin_dir
+    finally:
+        loader.remove_pins(pin_dir)
+
+
+def clear_test_target(pin_dir: str) -> None:
+    """Reset what a TCB_TEST build records on redirect, so 0 means 'not redirected'."""
+    fd = bpfsys.obj_get(f"{pin_dir}/tcb_test_target")
+    try:
+        bpfsys.map_update(fd, ctypes.c_uint32(0), ctypes.c_uint32(0))
+    finally:
+        os.close(fd)
+
+
+# --- counters ------------------------------------------------------------------
+def counters_delta(before: Counters, after: Counters) -> Counters:
+    def sub(a: dict, b: dict) -> dict:
+        return {k: a[k] - b[k] for k in a}
+
+    return Counters(sub(after.redirect_packets, before.redirect_packets),
+                    sub(after.redirect_bytes, before.redirect_bytes),
+                    sub(after.passed, before.passed))
+
+
+def expected_delta(*, redirected: Direction | None = None, nbytes: int = 0,
+                   passed: Reason | None = None, packets: int = 1) -> Counters:
+    """The counter movement of `packets` runs with one verdict; everything else 0."""
+    zero = Counters.zero()
+    rp, rb, ps = dict(zero.redirect_packets), dict(zero.redirect_bytes), dict(zero.passed)
+    if redirected is not None:
+        rp[redirected.name.lower()] = packets
+        rb[redirected.name.lower()] = nbytes * packets
+    if passed is not None:
+        ps[passed.name.lower()] = packets
+    return Counters(rp, rb, ps)
+
+
+def describe(delta: Counters) -> str:
+    """What the counters say happened, e.g. 'redirect from_vm' or 'pass multicast'."""
+    moved = [f"redirect {d}" for d, n in delta.redirect_packets.items() if n]
+    moved += [f"pass {r}" for r, n in delta.passed.items() if n]
+    return ", ".join(moved) or "nothing counted"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One BPF_PROG_TEST_RUN of one program on one frame."""
+
+    frame: bytes
+    direction: Direction  # the program that ran
+    retval: int
+    data_out: bytes
+    target: int  # tcb_test_target after the run; 0 = no redirect recorded
+    delta: Counters
+
+    @property
+    def verdict(self) -> str:
+        return describe(self.delta)
+
+    def expect_redirect(self, to: int) -> None:
+        """Redirected to ifindex `to`, counted once with the frame's length, frame untouched."""
+        assert (self.retval, self.verdict) == (TC_ACT_REDIRECT, f"redirect {self.direction.name.lower()}")
+        assert self.target == to
+        assert self.data_out == self.frame
+        assert self.delta == expected_delta(redirected=self.direction, nbytes=len(self.frame))
+
+    def expect_pass(self, reason: Reason) -> None:
+        """Left to the bridge (TC_ACT_OK) for `reason`, counted once, frame untouched."""
+        assert (self.retval, self.verdict) == (TC_ACT_OK, f"pass {reason.name.lower()}")
+        assert self.target == 0
+        assert self.data_out == self.frame
+        assert self.delta == expected_delta(passed=reason)
+
+
+# --- the runner ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    retval: int
+    ns_per_packet: int
+    repeat: int
+
+
+def measure_ns_per_packet(pod: Pod, prog_fd: int, frame: bytes, ifindex: int,
+                          repeat: int = 100_000) -> Measurement:
+    """Run a program `repeat` times on `frame` in the kernel and return the
+    kernel's average run time per packet (BPF_PROG_TEST_RUN's `duration`,
+    JIT on). It covers the program alone: no driver, no queue, no transmit."""
+    run = pod.run(lambda: bpfsys.prog_test_run(prog_fd, frame, ifindex=ifindex, repeat=repeat))
+    return Measurement(run.retval, run.duration_ns, repeat)
+
+
+class Datapath:
+    """One instance wired to one Pod the way `tcbypass attach` wires it."""
+
+    def __init__(self, pod: Pod, pin_dir: str, maps: AttachmentMaps, programs: loader.Programs):
+        self.pod = pod
+        self.pin_dir = pin_dir
+        self.maps = maps
+        self.programs = programs
+        self.addr = ADDR
+
+    def wire(self, flags: int = F_DHCP_TO_BRIDGE) -> None:
+        """tap -> FROM_VM, NIC -> TO_VM in tcb_ports; both devmap slots filled
+        from inside the namespace; nothing else in tcb_ports."""
+        vm, local = parse_mac(self.addr.vm_mac), parse_mac(self.addr.bridge_mac)
+        for ifindex in self.maps.port_ifindexes():
+            self.maps.drop_port(ifindex)
+        self.maps.set_port(self.pod.tap, port_entry(vm, local, Direction.FROM_VM, flags))
+        self.maps.set_port(self.pod.nic, port_entry(vm, local, Direction.TO_VM, flags))
+
+        def targets() -> None:
+            self.maps.set_target(Direction.FROM_VM, self.pod.nic)
+            self.maps.set_target(Direction.TO_VM, self.pod.tap)
+
+        self.pod.run(targets)
+
+    def program(self, direction: Direction) -> int:
+        return self.programs.from_vm if direction is Direction.FROM_VM else self.programs.to_vm
+
+    def run(self, direction: Direction, frame: bytes, ifindex: int, cpu: int | None = None) -> Outcome:
+        """Run the program of `direction` on `frame` arriving on `ifindex`
+        (optionally pinned to one CPU) and report what happened."""
+        prog = self.program(direction)
+
+        def body() -> bpfsys.TestRun:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})  # this thread only
+            return bpfsys.prog_test_run(prog, frame, ifindex=ifindex)
+
+        clear_test_target(self.pin_dir)
+        before = self.maps.counters()
+        result = self.pod.run(body)
+        after = self.maps.counters()
+        return Outcome(frame, direction, result.retval, result.data_out,
+                       loader.read_test_target(self.pin_dir), counters_delta(before, after))
+
+    def from_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None) -> Outcome:
+        """tcb_from_vm on `frame`, by default as if it came in on the tap."""
+        return self.run(Direction.FROM_VM, frame, self.pod.tap if ifindex is None else ifindex, cpu)
+
+    def to_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None) -> Outcome:
+        """tcb_to_vm on `frame`, by default as if it came in on the NIC."""
+        return self.run(Direction.TO_VM, frame, self.pod.nic if ifindex is None else ifindex, cpu)
+
+    def measure_ns_per_packet(self, direction: Direction, frame: bytes, repeat: int = 100_000) -> Measurement:
+        ifindex = self.pod.tap if direction is Direction.FROM_VM else self.pod.nic
+        return measure_ns_per_packet(self.pod, self.program(direction), frame, ifindex, repeat)
+
+
+@contextlib.contextmanager
+def datapath(pod: Pod, pin_dir: str) -> Iterator[Datapath]:
+    with AttachmentMaps(pin_dir) as maps, loader.open_programs(pin_dir) as programs:
+        dp = Datapath(pod, pin_dir, maps, programs)
+        dp.wire()
+        yield dp
+
+
+# --- fixtures ------------------------------------------------------------------------
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the datapath layer needs root (bpf(2), network namespaces)")
+
+
+@pytest.fixture(scope="session")
+def instance() -> Iterator[str]:
+    """The session's TCB_TEST instance: compiled once (a few hundred ms)."""
+    _require_root()
+    with compiled_instance() as pin_dir:
+        yield pin_dir
+
+
+@pytest.fixture(scope="session")
+def pod() -> Iterator[Pod]:
+    _require_root()
+    with pod_namespace() as p:
+        yield p
+
+
+@pytest.fixture
+def dp(instance: str, pod: Pod) -> Iterator[Datapath]:
+    """The shared instance, rewired to its default before every test: DHCPv4
+    to the bridge (the in-pod DHCP server of bridge binding)."""
+    with datapath(pod, instance) as d:
+        yield d
+
+
+@pytest.fixture
+def private_dp() -> Iterator[Datapath]:
+    """A namespace and an instance of its own, for tests that destroy devices."""
+    _require_root()
+    with pod_namespace() as p, compiled_instance() as pin_dir, datapath(p, pin_dir) as d:
+        yield d
