@@ -80,7 +80,7 @@ def _settings(ovsdb_url: str | None, ovs_netns: str | None) -> Settings:
 
 
 _ovsdb_option = click.option(
-    "--ovsdb", "ovsdb_url", metavar="URL",
+    "--ovsdb", "ovsdb_url", metavar="URL", envvar=ovsdb.ENV_URL,
     help=f"OVSDB socket (unix:PATH or tcp:HOST:PORT). Default: ${ovsdb.ENV_URL}, else {ovsdb.DEFAULT_URL}.")
 _ovs_netns_option = click.option(
     "--ovs-netns", metavar="NS", envvar="TCBYPASS_OVS_NETNS",

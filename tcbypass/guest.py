@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from . import netdev
 from .errors import TcbError
 
 log = logging.getLogger(__name__)
@@ -751,6 +752,7 @@ class Guest:
             raise GuestError(f"network namespace {self.netns_path} does not exist")
         if not shutil.which(QEMU):
             raise GuestError(f"{QEMU} is not installed", hint="apt-get install qemu-system-x86")
+        self._check_taps()
         self.kernel = self.kernel or find_guest_kernel()
         initrd = build_initramfs(self.cache_dir, kernel=self.kernel)
         self.accel = choose_accel(self.requested_accel, self.kernel, initrd)
@@ -764,6 +766,18 @@ class Guest:
         except BaseException:
             self.close()
             raise
+
+    def _check_taps(self) -> None:
+        """Every tap must exist already: given a missing name, qemu would
+        quietly create a fresh tap that is plugged into nothing."""
+        with netdev.open_netns(self.netns_path) as ipr:
+            links = netdev.list_links(ipr)
+        for tap, _ in self.taps:
+            link = links.get(tap)
+            if link is None or link.kind != "tun":
+                found = f"a {link.kind or 'plain'} device" if link else "nothing"
+                raise GuestError(f"{tap} in {self.netns_path} is {found}, not a tap",
+                                 hint="create the tap first, as virt-handler does (Sandbox.add_vm(vm_link='tap'))")
 
     def qemu_argv(self, initrd: Path) -> list[str]:
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg"]

@@ -1,10 +1,11 @@
 """The datapath layer: bpf/redirect.c run through BPF_PROG_TEST_RUN.
 
 Cilium's pktgen -> setup -> check, in Python: a test builds a frame with
-scapy, the `dp` fixture has filled the maps of one TCB_TEST instance, and
-`dp.from_vm(frame)` / `dp.to_vm(frame)` run one of the two programs on it and
-return an `Outcome`: the tc verdict, the frame the kernel hands back, the
-redirect target the test build recorded, and how every counter moved.
+scapy (pktgen.py), the `dp` fixture has filled the maps of a TCB_TEST
+instance, and `dp.from_vm(frame)` / `dp.to_vm(frame)` run one of the two
+programs on it and return an `Outcome`: the tc verdict, the frame the kernel
+hands back, the redirect target the test build recorded, and how every
+counter moved.
 
 Why a network namespace: the ifindex in the test context and the ifindex a
 devmap entry holds are both resolved in the network namespace of the calling
@@ -14,6 +15,8 @@ devmap writes (set_target) and every test run happen on a thread inside it
 
 Objects made here carry a random tag (netns `tcbdp-<tag>`, pins
 `/sys/fs/bpf/tcbypass/v1/dptest-<tag>`) and are removed even after a failure.
+An instance's maps and programs are opened once, right after pinning, and
+used through those fds from then on.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from tcbypass.maps import (
 )
 from tcbypass.sandbox import NETNS_DIR, sh
 
-from dp_frames import ADDR  # tests/datapath is on sys.path (pytest's prepend import mode)
+from .pktgen import ADDR
 
 T = TypeVar("T")
 
@@ -92,24 +95,40 @@ def pod_namespace() -> Iterator[Pod]:
         sh("ip", "netns", "delete", name, check=False)
 
 
+@dataclass(frozen=True)
+class Instance:
+    """A TCB_TEST instance: its pin directory and open fds of what is pinned there."""
+
+    pin_dir: str
+    maps: AttachmentMaps
+    programs: loader.Programs
+    test_target_fd: int  # tcb_test_target, only in TCB_TEST builds
+
+    def test_target(self) -> int:
+        """The last redirect target recorded (what loader.read_test_target reads)."""
+        value = ctypes.c_uint32()
+        bpfsys.map_lookup(self.test_target_fd, ctypes.c_uint32(0), value)
+        return value.value
+
+    def clear_test_target(self) -> None:
+        """Reset the record, so that 0 afterwards means 'not redirected'."""
+        bpfsys.map_update(self.test_target_fd, ctypes.c_uint32(0), ctypes.c_uint32(0))
+
+
 @contextlib.contextmanager
-def compiled_instance() -> Iterator[str]:
+def compiled_instance() -> Iterator[Instance]:
     """A freshly compiled TCB_TEST instance pinned in its own directory."""
     pin_dir = f"{loader.PIN_ROOT}/dptest-{secrets.token_hex(3)}"
     loader.compile_and_pin(pin_dir, test=True)  # removes its pins itself when it fails
     try:
-        yield pin_dir
+        with AttachmentMaps(pin_dir) as maps, loader.open_programs(pin_dir) as programs:
+            fd = bpfsys.obj_get(f"{pin_dir}/tcb_test_target")
+            try:
+                yield Instance(pin_dir, maps, programs, fd)
+            finally:
+                os.close(fd)
     finally:
         loader.remove_pins(pin_dir)
-
-
-def clear_test_target(pin_dir: str) -> None:
-    """Reset what a TCB_TEST build records on redirect, so 0 means 'not redirected'."""
-    fd = bpfsys.obj_get(f"{pin_dir}/tcb_test_target")
-    try:
-        bpfsys.map_update(fd, ctypes.c_uint32(0), ctypes.c_uint32(0))
-    finally:
-        os.close(fd)
 
 
 # --- counters ------------------------------------------------------------------
@@ -183,8 +202,8 @@ class Measurement:
 def measure_ns_per_packet(pod: Pod, prog_fd: int, frame: bytes, ifindex: int,
                           repeat: int = 100_000) -> Measurement:
     """Run a program `repeat` times on `frame` in the kernel and return the
-    kernel's average run time per packet (BPF_PROG_TEST_RUN's `duration`,
-    JIT on). It covers the program alone: no driver, no queue, no transmit."""
+    kernel's mean run time per packet (BPF_PROG_TEST_RUN's `duration`, JIT
+    on). It covers the program alone: no driver, no queue, no transmit."""
     run = pod.run(lambda: bpfsys.prog_test_run(prog_fd, frame, ifindex=ifindex, repeat=repeat))
     return Measurement(run.retval, run.duration_ns, repeat)
 
@@ -192,16 +211,15 @@ def measure_ns_per_packet(pod: Pod, prog_fd: int, frame: bytes, ifindex: int,
 class Datapath:
     """One instance wired to one Pod the way `tcbypass attach` wires it."""
 
-    def __init__(self, pod: Pod, pin_dir: str, maps: AttachmentMaps, programs: loader.Programs):
+    def __init__(self, pod: Pod, instance: Instance):
         self.pod = pod
-        self.pin_dir = pin_dir
-        self.maps = maps
-        self.programs = programs
+        self.instance = instance
+        self.maps = instance.maps
         self.addr = ADDR
 
     def wire(self, flags: int = F_DHCP_TO_BRIDGE) -> None:
-        """tap -> FROM_VM, NIC -> TO_VM in tcb_ports; both devmap slots filled
-        from inside the namespace; nothing else in tcb_ports."""
+        """tap -> FROM_VM, NIC -> TO_VM in tcb_ports, nothing else there; both
+        devmap slots written from inside the namespace."""
         vm, local = parse_mac(self.addr.vm_mac), parse_mac(self.addr.bridge_mac)
         for ifindex in self.maps.port_ifindexes():
             self.maps.drop_port(ifindex)
@@ -215,7 +233,8 @@ class Datapath:
         self.pod.run(targets)
 
     def program(self, direction: Direction) -> int:
-        return self.programs.from_vm if direction is Direction.FROM_VM else self.programs.to_vm
+        programs = self.instance.programs
+        return programs.from_vm if direction is Direction.FROM_VM else programs.to_vm
 
     def run(self, direction: Direction, frame: bytes, ifindex: int, cpu: int | None = None) -> Outcome:
         """Run the program of `direction` on `frame` arriving on `ifindex`
@@ -227,12 +246,12 @@ class Datapath:
                 os.sched_setaffinity(0, {cpu})  # this thread only
             return bpfsys.prog_test_run(prog, frame, ifindex=ifindex)
 
-        clear_test_target(self.pin_dir)
+        self.instance.clear_test_target()
         before = self.maps.counters()
         result = self.pod.run(body)
         after = self.maps.counters()
         return Outcome(frame, direction, result.retval, result.data_out,
-                       loader.read_test_target(self.pin_dir), counters_delta(before, after))
+                       self.instance.test_target(), counters_delta(before, after))
 
     def from_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None) -> Outcome:
         """tcb_from_vm on `frame`, by default as if it came in on the tap."""
@@ -243,16 +262,9 @@ class Datapath:
         return self.run(Direction.TO_VM, frame, self.pod.nic if ifindex is None else ifindex, cpu)
 
     def measure_ns_per_packet(self, direction: Direction, frame: bytes, repeat: int = 100_000) -> Measurement:
+        """measure_ns_per_packet() for the program of `direction` on its own device."""
         ifindex = self.pod.tap if direction is Direction.FROM_VM else self.pod.nic
         return measure_ns_per_packet(self.pod, self.program(direction), frame, ifindex, repeat)
-
-
-@contextlib.contextmanager
-def datapath(pod: Pod, pin_dir: str) -> Iterator[Datapath]:
-    with AttachmentMaps(pin_dir) as maps, loader.open_programs(pin_dir) as programs:
-        dp = Datapath(pod, pin_dir, maps, programs)
-        dp.wire()
-        yield dp
 
 
 # --- fixtures ------------------------------------------------------------------------
@@ -262,11 +274,11 @@ def _require_root() -> None:
 
 
 @pytest.fixture(scope="session")
-def instance() -> Iterator[str]:
+def instance() -> Iterator[Instance]:
     """The session's TCB_TEST instance: compiled once (a few hundred ms)."""
     _require_root()
-    with compiled_instance() as pin_dir:
-        yield pin_dir
+    with compiled_instance() as inst:
+        yield inst
 
 
 @pytest.fixture(scope="session")
@@ -277,16 +289,19 @@ def pod() -> Iterator[Pod]:
 
 
 @pytest.fixture
-def dp(instance: str, pod: Pod) -> Iterator[Datapath]:
-    """The shared instance, rewired to its default before every test: DHCPv4
+def dp(instance: Instance, pod: Pod) -> Datapath:
+    """The shared instance, rewired before every test to its default: DHCPv4
     to the bridge (the in-pod DHCP server of bridge binding)."""
-    with datapath(pod, instance) as d:
-        yield d
+    d = Datapath(pod, instance)
+    d.wire()
+    return d
 
 
 @pytest.fixture
 def private_dp() -> Iterator[Datapath]:
     """A namespace and an instance of its own, for tests that destroy devices."""
     _require_root()
-    with pod_namespace() as p, compiled_instance() as pin_dir, datapath(p, pin_dir) as d:
+    with pod_namespace() as p, compiled_instance() as inst:
+        d = Datapath(p, inst)
+        d.wire()
         yield d

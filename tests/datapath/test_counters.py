@@ -10,7 +10,7 @@ import pytest
 
 from tcbypass.maps import Direction, Reason
 
-from dp_frames import BROADCAST, from_vm, tcp_from_vm, tcp_to_vm  # tests/datapath is on sys.path
+from .pktgen import BROADCAST, from_vm, tcp_from_vm, tcp_to_vm
 
 pytestmark = pytest.mark.root
 

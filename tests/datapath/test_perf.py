@@ -10,7 +10,7 @@ import pytest
 
 from tcbypass.maps import TC_ACT_REDIRECT, Direction
 
-from dp_frames import tcp_from_vm  # tests/datapath is on sys.path
+from .pktgen import tcp_from_vm
 
 pytestmark = pytest.mark.root
 

@@ -21,7 +21,7 @@ from scapy.packet import Raw
 
 from tcbypass.maps import Direction, Reason
 
-from dp_frames import (  # tests/datapath is on sys.path (pytest's prepend import mode)
+from .pktgen import (
     ADDR,
     BROADCAST,
     ETH_P_RARP,

@@ -1,8 +1,4 @@
-"""pktgen for the datapath layer: who is who, and the frames the tests send.
-
-A plain module (not conftest.py) so that both conftest.py and the test
-modules can import it by a name no other test directory uses.
-"""
+"""pktgen for the datapath layer: who is who, and the frames the tests send."""
 
 from __future__ import annotations
 

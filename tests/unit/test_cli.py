@@ -1,0 +1,167 @@
+"""The CLI through click's CliRunner against a fake backend: no root, no kernel."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from tcbypass.cli import App, main
+from tcbypass.discovery import NicPlan
+from tcbypass.errors import NotRootError, OvsdbError, UnknownVmiError
+from tcbypass.maps import Counters
+from tcbypass.model import AttachResult, Record, Status
+from tcbypass.ovsdb import Port
+from tcbypass.vmi import VmiResult
+
+
+def record(name="vm1.prod", **changes) -> Record:
+    base = dict(name=name, netns="/var/run/netns/p", netns_id="4:100", tap="tap0", tap_ifindex=5, nic="eth0-nic",
+                nic_ifindex=3, bridge="k6t-eth0", bridge_mac="0a:bb:00:00:00:03", mac="0a:00:00:00:00:05",
+                dhcp_to_bridge=True, digest="abc", vmi="vm1", namespace="prod", iface_id=name, complete=True)
+    return Record(**(base | changes))
+
+
+class FakeBackend:
+    def __init__(self, fail=None, root=True, rows=()):
+        self.calls, self.fail, self.root, self.rows = [], fail, root, list(rows)
+
+    def _maybe_fail(self):
+        if self.fail:
+            raise self.fail
+
+    def require_root(self, what):
+        if not self.root:
+            raise NotRootError(f"tcbypass {what} needs root", hint="run with sudo")
+
+    def attach_explicit(self, spec):
+        self.calls.append(("attach_explicit", spec))
+        self._maybe_fail()
+        return AttachResult(record(spec.name, vmi="", namespace="", iface_id=""), "attached", 0.25)
+
+    def attach_vmi(self, name, namespace, settings, dhcp_to_bridge):
+        self.calls.append(("attach_vmi", name, namespace, settings, dhcp_to_bridge))
+        self._maybe_fail()
+        skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, "not a veth")
+        return VmiResult(name, namespace, (AttachResult(record(), "unchanged", 0.002),), (skipped,), ())
+
+    def detach(self, target, namespace):
+        self.calls.append(("detach", target, namespace))
+        self._maybe_fail()
+        return [record()] if target == "vm1" else []
+
+    def statuses(self, namespace, name):
+        self.calls.append(("statuses", namespace, name))
+        return self.rows
+
+
+def invoke(backend, *args, env=None):
+    app = App(backend, Console(width=250), Console(stderr=True, width=1000))
+    return CliRunner().invoke(main, list(args), obj=app, env=env or {})
+
+
+def test_attach_vmi_reports_each_nic_and_the_ones_skipped():
+    fake = FakeBackend()
+    res = invoke(fake, "attach", "vm1", "-n", "prod", "--ovsdb", "unix:/x.sock")
+    assert res.exit_code == 0, res.output
+    assert "prod/vm1 vm1.prod: unchanged (tap0 <-> eth0-nic, 0a:00:00:00:00:05)" in res.output
+    assert "vm1.prod.sriov: not bypassed, not a veth" in res.output
+    _, name, ns, settings, dhcp = fake.calls[0]
+    assert (name, ns, settings.url, dhcp) == ("vm1", "prod", "unix:/x.sock", True)
+
+
+def test_namespace_defaults_to_default_and_ovsdb_comes_from_the_environment():
+    fake = FakeBackend()
+    assert invoke(fake, "attach", "vm1", env={"TCBYPASS_OVSDB": "unix:/env.sock"}).exit_code == 0
+    assert fake.calls[0][2] == "default" and fake.calls[0][3].url == "unix:/env.sock"
+
+
+def test_explicit_attach_passes_the_spec():
+    fake = FakeBackend()
+    res = invoke(fake, "attach", "--netns", "/proc/42/ns/net", "--tap", "tap0", "--nic", "eth0-nic",
+                 "--mac", "0a:00:00:00:00:05", "--no-dhcp-passthrough")
+    assert res.exit_code == 0, res.output
+    spec = fake.calls[0][1]
+    assert (spec.name, spec.netns, spec.dhcp_to_bridge) == ("42-tap0", "/proc/42/ns/net", False)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "give a VMI name"),
+    (("vm1", "--tap", "tap0"), "not both"),
+    (("--netns", "x", "--tap", "tap0"), "also needs --nic, --mac"),
+])
+def test_usage_errors_exit_2(args, message):
+    fake = FakeBackend()
+    res = invoke(fake, "attach", *args)
+    assert res.exit_code == 2 and message in res.output
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("error, code", [
+    (UnknownVmiError("no VMI 'x' in namespace 'prod' on this node", hint="pods and VMIs here: a, b"), 1),
+    (OvsdbError("no OVSDB socket at unix:/x (file not found)", hint="use --ovsdb"), 1),
+])
+def test_core_errors_are_one_line_on_stderr(error, code):
+    res = invoke(FakeBackend(fail=error), "attach", "x", "-n", "prod")
+    assert res.exit_code == code
+    assert res.stderr.strip().count("\n") == 0
+    assert res.stderr.startswith("error: ") and error.hint in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_not_root_is_refused_before_any_work():
+    fake = FakeBackend(root=False)
+    res = invoke(fake, "attach", "vm1")
+    assert res.exit_code == 1 and "needs root" in res.stderr and fake.calls == []
+
+
+def test_detach_nothing_attached_is_success():
+    res = invoke(FakeBackend(), "detach", "ghost")
+    assert res.exit_code == 0 and "not attached, nothing to do" in res.output
+
+
+def test_detach_vmi_lists_what_went_back_to_the_bridge():
+    res = invoke(FakeBackend(), "detach", "vm1", "-n", "prod")
+    assert res.exit_code == 0 and "vm1.prod: detached, tap0 and eth0-nic use the bridge again" in res.output
+
+
+def test_status_json_has_the_stable_keys():
+    counters = Counters({"from_vm": 3, "to_vm": 4}, {"from_vm": 300, "to_vm": 400},
+                        {"multicast": 1, "dhcp": 2})
+    fake = FakeBackend(rows=[Status(record(), "active", (), counters)])
+    res = invoke(fake, "status", "--json")
+    assert res.exit_code == 0
+    [row] = json.loads(res.output)
+    for key in ("vmi", "namespace", "iface_id", "netns", "tap", "nic", "mac", "state", "counters"):
+        assert key in row
+    assert row["counters"]["redirected_packets"] == {"from_vm": 3, "to_vm": 4}
+    assert row["counters"]["passed_packets"]["dhcp"] == 2
+    assert fake.calls == [("statuses", None, None)]
+
+
+def test_status_with_a_vmi_defaults_to_namespace_default():
+    fake = FakeBackend()
+    invoke(fake, "status", "vm1")
+    assert fake.calls == [("statuses", "default", "vm1")]
+
+
+def test_status_table_and_degraded_exit_code():
+    rows = [Status(record(), "active"), Status(record("vm1.prod.b"), "stale", ("tap tap0 is gone",))]
+    res = invoke(FakeBackend(rows=rows), "status")
+    assert res.exit_code == 3
+    assert "stale" in res.output and "tap tap0 is gone" in res.output and "vm1.prod.b" in res.output
+
+
+def test_empty_status_says_how_to_attach():
+    res = invoke(FakeBackend(), "status")
+    assert res.exit_code == 0 and "tcbypass attach VMI" in res.output
+
+
+def test_help_teaches_the_commands():
+    res = CliRunner().invoke(main, ["--help"])
+    for command in ("attach", "detach", "status", "doctor", "demo"):
+        assert command in res.output
+    res = CliRunner().invoke(main, ["attach", "--help"])
+    assert "Examples" in res.output and "--ovsdb" in res.output
