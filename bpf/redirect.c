@@ -21,6 +21,9 @@
  * Configured at build time with -D (see tcbypass/loader.py):
  *   TCB_MAX_PORTS  entries of tcb_ports (2 live + 2 while a tap is replaced)
  *   TCB_TEST       record the redirect target for BPF_PROG_TEST_RUN checks
+ *   TCB_FROM_VM_PEER  from the VM, bpf_redirect_peer() into the NIC's peer
+ *                  (the host side) instead of the NIC's egress: skips one
+ *                  queue. Measured by `tcbypass bench`; not the default.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -218,7 +221,12 @@ static __always_inline int tcb_handle(struct __sk_buff *skb, __u32 dir)
 #ifdef TCB_TEST
 		tcb_test_target.update(&zero, &target);
 #endif
-		ret = bpf_redirect(target, 0);
+#ifdef TCB_FROM_VM_PEER
+		if (dir == TCB_DIR_FROM_VM)
+			ret = bpf_redirect_peer(target, 0);
+		else
+#endif
+			ret = bpf_redirect(target, 0);
 	} else if (counters && verdict < TCB_PASS_MAX) {
 		counters->pass_packets[verdict]++;
 	}

@@ -93,8 +93,11 @@ def _devices(links: dict[str, netdev.Link], spec: AttachSpec) -> tuple[netdev.Li
     return tap, nic, bridge
 
 
-def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
-    """Attach (or refresh) the fast path for one tap/NIC pair. Idempotent."""
+def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> AttachResult:
+    """Attach (or refresh) the fast path for one tap/NIC pair. Idempotent.
+
+    `test_build` and `peer` select program builds for tests and benchmarks.
+    """
     started = time.monotonic()
     vm_mac = parse_mac(spec.mac)
     pin_dir = pin_dir_of(spec.name)
@@ -111,7 +114,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
                 name=spec.name, netns=ref.path, netns_id=ref.identity,
                 tap=tap.name, tap_ifindex=tap.index, nic=nic.name, nic_ifindex=nic.index,
                 bridge=bridge.name, bridge_mac=bridge.mac, mac=spec.mac.lower(), dhcp_to_bridge=spec.dhcp_to_bridge,
-                digest=loader.digest(test_build),
+                digest=loader.digest(test_build, peer),
                 owned_clsact_tap=bool(old and old.tap_ifindex == tap.index and old.owned_clsact_tap),
                 owned_clsact_nic=bool(old and old.nic_ifindex == nic.index and old.owned_clsact_nic),
                 vmi=spec.vmi, namespace=spec.namespace, iface_id=spec.iface_id, managed_by=spec.managed_by,
@@ -124,7 +127,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
             work_dir = pin_dir + STAGING if (old and fresh) else pin_dir
             if fresh:
                 loader.remove_pins(work_dir)
-                loader.compile_and_pin(work_dir, test=test_build)
+                loader.compile_and_pin(work_dir, test=test_build, peer=peer)
             try:
                 record = _program(ipr, ref, work_dir, want, vm_mac, tap, nic)
                 if work_dir != pin_dir:

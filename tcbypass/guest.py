@@ -785,7 +785,7 @@ class Guest:
         for i, (tap, mac) in enumerate(self.taps):
             # The tap already exists (virt-handler's job); qemu only attaches.
             nics += ["-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off",
-                     "-device", f"virtio-net-pci,netdev=n{i},mac={mac}"]
+                     "-device", f"virtio-net-pci,netdev=n{i},mac={mac},csum=off"]
         return [QEMU, "-name", "tcbypass-guest", *accel, *_machine_args(self.memory, self.cpus),
                 "-kernel", str(self.kernel.image), "-initrd", str(initrd),
                 "-append", kernel_cmdline(len(self.taps), self.static), *nics]

@@ -39,18 +39,21 @@ def source_path() -> Path:
     return Path(__file__).resolve().parent.parent / "bpf" / "redirect.c"
 
 
-def cflags(test: bool = False) -> list[str]:
+def cflags(test: bool = False, peer: bool = False) -> list[str]:
+    """Build options. `peer`: bpf_redirect_peer() from the VM (benchmark variant)."""
     flags = [f"-DTCB_MAX_PORTS={MAX_PORTS}"]
     if test:
         flags.append("-DTCB_TEST")
+    if peer:
+        flags.append("-DTCB_FROM_VM_PEER")
     return flags
 
 
-@functools.lru_cache(maxsize=4)
-def digest(test: bool = False) -> str:
+@functools.lru_cache(maxsize=8)
+def digest(test: bool = False, peer: bool = False) -> str:
     """Identifies the program a pin was built from: source and cflags."""
     h = hashlib.sha256(source_path().read_bytes())
-    h.update(" ".join(cflags(test)).encode())
+    h.update(" ".join(cflags(test, peer)).encode())
     return h.hexdigest()[:16]
 
 
@@ -64,7 +67,7 @@ def bpffs_ready() -> None:
                        hint="bpffs must be mounted read-write and we must be root") from None
 
 
-def compile_and_pin(pin_dir: str, test: bool = False) -> None:
+def compile_and_pin(pin_dir: str, test: bool = False, peer: bool = False) -> None:
     """Build a fresh instance and pin it in `pin_dir` (which must not exist)."""
     try:
         from bcc import BPF  # a system package; imported only where compiling
@@ -75,7 +78,7 @@ def compile_and_pin(pin_dir: str, test: bool = False) -> None:
     os.mkdir(pin_dir)
     try:
         try:
-            bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags(test))
+            bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags(test, peer))
         except Exception as exc:
             raise BpfError(f"bcc could not compile {source_path().name} ({exc})",
                            hint="kernel headers missing? run 'tcbypass doctor'") from None

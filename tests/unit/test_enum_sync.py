@@ -1,0 +1,59 @@
+"""bpf/redirect.c and tcbypass/maps.py declare the shared constants twice
+(once in C, once in Python); these tests keep the two in step. Pure: they
+read the C source as text, no compiler and no root."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tcbypass import loader
+from tcbypass.maps import F_DHCP_TO_BRIDGE, CountersEntry, Direction, Reason
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    text = loader.source_path().read_text()
+    return re.sub(r"/\*.*?\*/|//[^\n]*", "", text, flags=re.S)  # comments out
+
+
+def c_enum(source: str, name: str) -> dict[str, int]:
+    """The members of `enum name { ... };` with their values (implicit ones counted on)."""
+    match = re.search(rf"\benum\s+{name}\s*\{{(.*?)\}}\s*;", source, re.S)
+    assert match, f"enum {name} not found in {loader.source_path()}"
+    members, value = {}, -1
+    for item in match.group(1).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        ident, _, expr = (part.strip() for part in item.partition("="))
+        value = int(expr, 0) if expr else value + 1
+        members[ident] = value
+    return members
+
+
+def c_define(source: str, name: str) -> int:
+    match = re.search(rf"^\s*#define\s+{name}\s+(\S+)", source, re.M)
+    assert match, f"#define {name} not found"
+    return int(match.group(1), 0)
+
+
+def test_c_reasons_match_python_reason_names_and_values(source):
+    c = {k.removeprefix("TCB_PASS_"): v for k, v in c_enum(source, "tcb_reason").items() if k != "TCB_PASS_MAX"}
+    assert c == {r.name: r.value for r in Reason}
+
+
+def test_c_directions_match_python_direction_names_and_values(source):
+    c = {k.removeprefix("TCB_DIR_"): v for k, v in c_enum(source, "tcb_dir").items() if k != "TCB_DIR_MAX"}
+    assert c == {d.name: d.value for d in Direction}
+
+
+def test_counter_arrays_have_one_slot_per_reason_and_direction(source):
+    """TCB_PASS_MAX / TCB_DIR_MAX size struct tcb_counters; CountersEntry mirrors it."""
+    assert c_enum(source, "tcb_reason")["TCB_PASS_MAX"] == len(Reason) == len(CountersEntry().pass_packets)
+    assert c_enum(source, "tcb_dir")["TCB_DIR_MAX"] == len(Direction) == len(CountersEntry().redirect_packets)
+
+
+def test_dhcp_flag_matches(source):
+    assert c_define(source, "TCB_F_DHCP_TO_BRIDGE") == F_DHCP_TO_BRIDGE
