@@ -45,7 +45,7 @@ enum tcb_dir {
 
 /*
  * Why a frame was left to the bridge. Mirrored by tcbypass.maps.Reason;
- * tests/unit/test_maps.py keeps the two in step.
+ * tests/unit/test_enum_sync.py keeps the two in step.
  */
 enum tcb_reason {
 	TCB_PASS_UNKNOWN_DEV = 0,	/* ingress device not registered for this direction */
@@ -53,7 +53,7 @@ enum tcb_reason {
 	TCB_PASS_MULTICAST = 2,	/* group destination: broadcast, ARP request, ND, RARP */
 	TCB_PASS_FOREIGN_MAC = 3,	/* not the VM's MAC (spoofed source, other destination) */
 	TCB_PASS_LOCAL = 4,		/* addressed to the bridge device itself */
-	TCB_PASS_ETHERTYPE = 5,	/* not IPv4, IPv6 or ARP: VLAN, LLDP, unicast RARP... */
+	TCB_PASS_ETHERTYPE = 5,	/* VLAN-tagged, or not IPv4/IPv6/ARP: LLDP, unicast RARP... */
 	TCB_PASS_DHCP = 6,		/* DHCPv4, for the DHCP server on the bridge */
 	TCB_PASS_NO_TARGET = 7,	/* target device gone (the kernel emptied its slot) */
 	TCB_PASS_MAX,
@@ -168,6 +168,10 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, __u32 dir,
 		return TCB_PASS_RUNT;
 	if (eth->h_dest[0] & 0x01)
 		return TCB_PASS_MULTICAST;
+	/* The kernel has already taken an outer 802.1Q tag off into skb->vlan_*:
+	 * tagged frames are not parsed here, so they go the bridge's way. */
+	if (skb->vlan_present)
+		return TCB_PASS_ETHERTYPE;
 
 	if (dir == TCB_DIR_FROM_VM) {
 		if (!tcb_mac_eq(eth->h_source, port->vm_mac))

@@ -127,7 +127,8 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
             work_dir = pin_dir + STAGING if (old and fresh) else pin_dir
             if fresh:
                 loader.remove_pins(work_dir)
-                loader.compile_and_pin(work_dir, test=test_build, peer=peer)
+                if not loader.claim_spare(work_dir, test_build, peer):
+                    loader.compile_and_pin(work_dir, test=test_build, peer=peer)
             try:
                 record = _program(ipr, ref, work_dir, want, vm_mac, tap, nic)
                 if work_dir != pin_dir:
@@ -225,12 +226,12 @@ def detach(name: str) -> Record | None:
 # --- status -------------------------------------------------------------
 
 def names() -> list[str]:
-    """Names of all attachments pinned on this node (staging leftovers excluded)."""
+    """Names of all attachments pinned on this node."""
     try:
         entries = sorted(os.listdir(loader.PIN_ROOT))
     except FileNotFoundError:
         return []
-    return [name_of_pin(e) for e in entries if not e.endswith(STAGING)]
+    return [name_of_pin(e) for e in entries if "@" not in e]  # not staging dirs, not spares
 
 
 def _problems(ipr, record: Record, pin_dir: str) -> list[str]:

@@ -68,7 +68,7 @@ def main(ctx: click.Context, debug: bool) -> None:
       tcbypass doctor                           is this node able to run the bypass?
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ctx.obj is None:  # tests hand in an App with a fake backend
         console = Console() if sys.stdout.isatty() else Console(width=200)
         ctx.obj = App(NodeBackend(), console, Console(stderr=True, width=None if sys.stderr.isatty() else 1000))
@@ -240,6 +240,43 @@ def _bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+@main.command()
+@_ovsdb_option
+@_ovs_netns_option
+@click.option("--metrics-address", metavar="HOST:PORT", default="127.0.0.1:9477", show_default=True,
+              help="Serve Prometheus metrics here ('' to turn off).")
+@click.option("--detach-on-exit", is_flag=True,
+              help="On SIGTERM, detach what the agent attached (default: leave the fast path running).")
+@click.pass_obj
+def agent(app: App, ovsdb_url: str | None, ovs_netns: str | None, metrics_address: str,
+          detach_on_exit: bool) -> None:
+    """Run on a node: keep every Kube-OVN VM port bypassed, as VMs come and go.
+
+    Watches OVSDB (a monitor of the Interface table) and each pod's devices
+    (rtnetlink link events): attaches new VMIs, refreshes after a VM restart
+    or a migration lands, detaches when the pod is deleted. Reconnects when
+    OVSDB restarts. On SIGTERM it exits and leaves the datapath carrying
+    traffic (or detaches with --detach-on-exit). Logs to stderr.
+    """
+    from .agent import Agent
+
+    _require_root(app, "agent")
+    logging.getLogger().setLevel(logging.DEBUG if app.debug else logging.INFO)
+    worker = Agent(_settings(ovsdb_url, ovs_netns), detach_on_exit=detach_on_exit)
+    worker.install_signal_handlers()
+    if metrics_address:
+        from . import metrics
+
+        try:
+            metrics.serve(metrics_address, metrics.registry(worker))
+        except (OSError, ValueError) as exc:
+            app.err.print(f"error: cannot serve metrics on {metrics_address} ({exc}); "
+                          "choose another --metrics-address", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        logging.getLogger(__name__).info("metrics on http://%s/metrics", metrics_address)
+    worker.run()
 
 
 @main.command()

@@ -54,7 +54,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from . import netdev
 from .errors import TcbError
@@ -398,12 +398,19 @@ def build_initramfs(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, *, kernel:
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(archive)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)  # atomic: a concurrent builder writes the same bytes
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     log.info("built guest initramfs %s (%d modules, %d KiB)", target, len(modules), len(archive) // 1024)
+    # Older builds for this kernel are stale (qemu reads the initrd at start,
+    # so a running guest does not mind).
+    for old in cache.glob(f"initramfs-{kernel.version}-*.cpio.gz"):
+        if old != target:
+            with contextlib.suppress(OSError):
+                old.unlink()
     return target
 
 
@@ -422,11 +429,12 @@ class _Child:
 
     The death signal is tied to the *thread* that spawned it: spawn from a
     thread that lives as long as the child should (the main thread in tests).
+    The set of live children is the one piece of process-wide state here: the
+    atexit hook needs it.
     """
 
     _live: "set[_Child]" = set()
     _lock = threading.Lock()
-    _hooked = False
 
     def __init__(self, argv: Sequence[str], netns_path: str | None = None, **popen):
         wrapped = ["setpriv", "--pdeathsig", "KILL"]
@@ -436,9 +444,6 @@ class _Child:
         self.proc = subprocess.Popen([*wrapped, *argv], start_new_session=True, close_fds=True, **popen)
         with _Child._lock:
             _Child._live.add(self)
-            if not _Child._hooked:
-                atexit.register(_Child._kill_all)
-                _Child._hooked = True
 
     @property
     def pid(self) -> int:
@@ -448,7 +453,11 @@ class _Child:
         return self.proc.poll() is None
 
     def kill(self, grace: float = 3.0) -> int | None:
-        """SIGTERM the group, SIGKILL it after `grace` seconds, reap. Idempotent."""
+        """SIGTERM the group, SIGKILL it after `grace` seconds, reap. Idempotent.
+
+        The group is only signalled while its leader is unreaped, so its id
+        cannot have been reused. setpriv and nsenter exec, so the leader is
+        the program itself."""
         try:
             if self.proc.poll() is None:
                 self._signal(signal.SIGTERM)
@@ -457,8 +466,6 @@ class _Child:
                 except subprocess.TimeoutExpired:
                     self._signal(signal.SIGKILL)
                     self.proc.wait(timeout=10)
-            # Anything left in the group (nsenter and setpriv exec, so normally nothing).
-            self._signal(signal.SIGKILL)
         finally:
             with _Child._lock:
                 _Child._live.discard(self)
@@ -471,9 +478,14 @@ class _Child:
             pass
 
     @staticmethod
-    def _kill_all() -> None:
-        for child in list(_Child._live):
+    def kill_all() -> None:
+        with _Child._lock:
+            children = list(_Child._live)
+        for child in children:
             child.kill(grace=1.0)
+
+
+atexit.register(_Child.kill_all)
 
 
 # --- KVM or TCG ------------------------------------------------------------------
@@ -555,7 +567,7 @@ class _Console:
     def __init__(self, stream, log_path: str | None = None, tail: int = 400):
         self._stream = stream
         self._cond = threading.Condition()
-        self._lines: list[str] = []  # lines not yet consumed by a waiter
+        self._lines: collections.deque[str] = collections.deque()  # not yet consumed by a waiter
         self.tail: collections.deque[str] = collections.deque(maxlen=tail)
         self.eof = False
         self._log = open(log_path, "a", encoding="utf-8") if log_path else None
@@ -593,14 +605,15 @@ class _Console:
                 self._log.flush()
             self._cond.notify_all()
 
-    def wait_for(self, match, timeout: float, collect: list[str] | None = None) -> str | None:
+    def wait_for(self, match: Callable[[str], bool], timeout: float,
+                 collect: list[str] | None = None) -> str | None:
         """Consume lines until one satisfies `match`; return it, or None on
         timeout or end of output. Consumed lines that do not match go to `collect`."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._cond:
             while True:
                 while self._lines:
-                    line = self._lines.pop(0)
+                    line = self._lines.popleft()
                     if match(line):
                         return line
                     if collect is not None:
@@ -711,13 +724,21 @@ class Guest:
 
     `taps` lists (tap name, MAC) per NIC; the first becomes the guest's eth0.
     `static` maps a guest device to "ADDR/LEN[:GW]" to skip DHCP on it.
+    `accel` is "auto", "kvm" or "tcg" (see `choose_accel`).
+
+    `csum_offload` lets the guest hand frames with partial checksums to the
+    tap (virtio-net's default, and KubeVirt's). It is off by default because
+    the sandbox's userspace OVS datapath forwards such frames unfixed and the
+    receiving pod drops them: ICMP works either way, TCP and UDP do not. Kube-OVN
+    turns tx offload off in pods on the userspace datapath for the same reason.
+
     Nothing runs until `start()` (or entering the `with` block).
     """
 
     def __init__(self, netns_path: str, taps: Sequence[tuple[str, str]], memory: int = 256,
                  accel: str = "auto", *, static: dict[str, str] | None = None, cpus: int = 1,
-                 kernel: GuestKernel | None = None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-                 console_log: str | None = None):
+                 csum_offload: bool = False, kernel_args: str = "", kernel: GuestKernel | None = None,
+                 cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, console_log: str | None = None):
         if not taps:
             raise GuestError("a guest needs at least one tap", hint="pass taps=[('tap0', mac)]")
         self.netns_path = netns_path
@@ -726,6 +747,8 @@ class Guest:
         self.cpus = cpus
         self.requested_accel = accel
         self.static = dict(static or {})
+        self.csum_offload = csum_offload
+        self.kernel_args = kernel_args
         self.cache_dir = cache_dir
         self.console_log = console_log
         self.kernel = kernel
@@ -781,14 +804,15 @@ class Guest:
 
     def qemu_argv(self, initrd: Path) -> list[str]:
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg"]
+        offload = "" if self.csum_offload else ",csum=off"  # csum=off also rules out TSO
         nics = []
         for i, (tap, mac) in enumerate(self.taps):
             # The tap already exists (virt-handler's job); qemu only attaches.
             nics += ["-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off",
-                     "-device", f"virtio-net-pci,netdev=n{i},mac={mac},csum=off"]
+                     "-device", f"virtio-net-pci,netdev=n{i},mac={mac}{offload}"]
         return [QEMU, "-name", "tcbypass-guest", *accel, *_machine_args(self.memory, self.cpus),
                 "-kernel", str(self.kernel.image), "-initrd", str(initrd),
-                "-append", kernel_cmdline(len(self.taps), self.static), *nics]
+                "-append", kernel_cmdline(len(self.taps), self.static, self.kernel_args), *nics]
 
     def close(self) -> None:
         """Kill qemu and reap it. Safe to call more than once."""
@@ -817,7 +841,7 @@ class Guest:
         console = self._running()
         line = console.wait_for(lambda l: READY_MARKER in l, timeout)
         if line is None:
-            if not self._child.alive():
+            if self._qemu_gone(console):
                 raise GuestError(f"qemu exited ({self._child.proc.returncode}) before the guest was ready:\n"
                                  f"{console.last()}")
             raise GuestTimeout(f"guest not ready after {timeout:.0f} s ({self.accel}):\n{console.last()}")
@@ -829,9 +853,11 @@ class Guest:
     def run(self, cmd: str, timeout: float = 30) -> tuple[int, str]:
         """Run `cmd` with sh in the guest; (exit code, stdout+stderr).
 
-        The guest kills the command after `timeout` seconds and GuestTimeout is
-        raised; the guest stays usable. If the guest does not answer at all
-        within `timeout` plus some slack, the guest is marked broken."""
+        The guest kills the command (its whole session) after `timeout`
+        seconds and GuestTimeout is raised; the guest stays usable. If the
+        guest does not answer at all within `timeout` plus some slack, it is
+        marked broken. A command may leave a daemon running (`srv &`): it
+        survives, and should send its output somewhere other than the console."""
         if self._broken:
             raise GuestError(f"guest no longer usable: {self._broken}")
         if not self.boot:
@@ -854,6 +880,10 @@ class Guest:
         line = console.wait_for(lambda l: _done_tag(l) == tag, limit + RUN_SLACK_S, collect=output)
         m = _DONE_RE.search(line) if line else None
         if not m:
+            if self._qemu_gone(console):
+                self._broken = f"qemu exited ({self._child.proc.returncode})"
+                raise GuestError(f"qemu exited ({self._child.proc.returncode}) while running {cmd!r}:\n"
+                                 f"{console.last()}")
             self._broken = f"no answer to {cmd!r} within {limit + RUN_SLACK_S:.0f} s"
             raise GuestTimeout(f"guest did not answer {cmd!r} within {limit + RUN_SLACK_S:.0f} s:\n"
                                f"{console.last()}")
@@ -863,6 +893,14 @@ class Guest:
             raise GuestTimeout(f"{cmd!r} still running after {limit} s; the guest killed it\n{text}")
         log.debug("guest ran %r in %.2f s: rc %s", cmd, time.monotonic() - started, m["rc"])
         return int(m["rc"]), text
+
+    def _qemu_gone(self, console: _Console) -> bool:
+        """Whether qemu has exited. Its output ends a moment before the
+        process can be reaped, so give it that moment after EOF."""
+        if console.eof:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._child.proc.wait(timeout=2)
+        return not self._child.alive()
 
     def _running(self) -> _Console:
         if not self._child or not self._console:

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -84,10 +85,10 @@ def compile_and_pin(pin_dir: str, test: bool = False, peer: bool = False) -> Non
                            hint="kernel headers missing? run 'tcbypass doctor'") from None
         try:
             for prog in (PROG_FROM_VM, PROG_TO_VM):
-                fn = bpf.load_func(prog, BPF.SCHED_CLS)
+                fn = bpf.load_func(prog.encode(), BPF.SCHED_CLS)
                 bpfsys.obj_pin(fn.fd, f"{pin_dir}/{prog}")
             for table in (PORTS, EGRESS, STATS) + (("tcb_test_target",) if test else ()):
-                bpfsys.obj_pin(bpf[table].map_fd, f"{pin_dir}/{table}")
+                bpfsys.obj_pin(bpf[table.encode()].map_fd, f"{pin_dir}/{table}")
         finally:
             bpf.cleanup()
         meta_fd = bpfsys.map_create_array(META, META_SIZE, 1)
@@ -98,6 +99,59 @@ def compile_and_pin(pin_dir: str, test: bool = False, peer: bool = False) -> Non
     except BaseException:
         remove_pins(pin_dir)
         raise
+
+
+SPARE_PREFIX = "@spare-"
+
+
+def _spares(test: bool, peer: bool) -> list[str]:
+    prefix = f"{SPARE_PREFIX}{digest(test, peer)}-"
+    try:
+        return sorted(e for e in os.listdir(PIN_ROOT) if e.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def make_spare(test: bool = False, peer: bool = False) -> str:
+    """Compile an instance ahead of need and park it under PIN_ROOT/@spare-<digest>-<id>.
+
+    Compiling is the slow part of a first attach (hundreds of ms, seconds on
+    a busy node); an agent keeps a spare so that a new VM is attached in
+    milliseconds. A spare's maps are empty and nothing is attached to it.
+    """
+    pin_dir = f"{PIN_ROOT}/{SPARE_PREFIX}{digest(test, peer)}-{os.getpid()}-{time.monotonic_ns()}"
+    compile_and_pin(pin_dir, test, peer)
+    return pin_dir
+
+
+def claim_spare(pin_dir: str, test: bool = False, peer: bool = False) -> bool:
+    """Move a spare of this build to `pin_dir`; False when there is none.
+    rename() is atomic, so two processes never claim the same spare."""
+    for spare in _spares(test, peer):
+        try:
+            os.rename(f"{PIN_ROOT}/{spare}", pin_dir)
+            return True
+        except OSError:
+            continue  # taken by someone else a moment ago
+    return False
+
+
+def spare_count(test: bool = False, peer: bool = False) -> int:
+    return len(_spares(test, peer))
+
+
+def remove_spares() -> int:
+    """Drop every spare (an agent does on exit: nothing of ours stays unused)."""
+    removed = 0
+    try:
+        entries = os.listdir(PIN_ROOT)
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.startswith(SPARE_PREFIX):
+            remove_pins(f"{PIN_ROOT}/{entry}")
+            removed += 1
+    return removed
 
 
 def remove_pins(pin_dir: str) -> None:

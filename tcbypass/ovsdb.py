@@ -169,6 +169,13 @@ class Connection:
             self._sock.close()
             self._sock = None
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def pending(self) -> bool:
+        """Is a further message already buffered (so select() would not wake for it)?"""
+        return bool(self._buf.strip())
+
     def send(self, method: str, params: list, id_=None) -> object:
         msg_id = next(self._ids) if id_ is None else id_
         data = json.dumps({"method": method, "params": params, "id": msg_id}).encode()
@@ -247,7 +254,7 @@ def monitor_ports(conn: Connection) -> Iterator[tuple[str, Port | None]]:
     reply = conn.call("monitor", [DATABASE, conn_id, {"Interface": {"columns": INTERFACE_COLUMNS}}])
     if reply.get("error"):
         raise OvsdbError(f"OVSDB refused the monitor ({reply['error']})", hint=HINT)
-    yield from _updates(reply.get("result") or {})
+    yield from table_updates(reply.get("result") or {})
     while True:
         try:
             msg = conn.receive(timeout=3600)
@@ -258,10 +265,10 @@ def monitor_ports(conn: Connection) -> Iterator[tuple[str, Port | None]]:
         if msg.get("method") == "echo":
             conn.send_reply(msg.get("id"), msg.get("params", []))
         elif msg.get("method") == "update" and len(msg.get("params", [])) == 2:
-            yield from _updates(msg["params"][1])
+            yield from table_updates(msg["params"][1])
 
 
-def _updates(table_updates: dict) -> Iterator[tuple[str, Port | None]]:
+def table_updates(table_updates: dict) -> Iterator[tuple[str, Port | None]]:
     # A monitor's "new" carries every monitored column; "old" only the changed ones.
     for uuid, change in (table_updates.get("Interface") or {}).items():
         yield uuid, decode_port(change["new"]) if "new" in change else None

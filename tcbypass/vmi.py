@@ -9,6 +9,7 @@ fails, the NICs this call attached are detached again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -73,7 +74,9 @@ def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool 
     return plans
 
 
-def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True) -> VmiResult:
+def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
+               managed_by: str = "cli") -> VmiResult:
+    """Attach every bridge-bound NIC of the VMI (all or nothing); `managed_by` is recorded for status."""
     plans = discover(vmi, namespace, settings, dhcp_to_bridge)
     good = [p for p in plans if p.ok]
     skipped = tuple(p for p in plans if not p.ok)
@@ -84,7 +87,7 @@ def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: boo
     done: list[AttachResult] = []
     try:
         for plan in good:
-            done.append(attachments.attach(plan.spec))
+            done.append(attachments.attach(dataclasses.replace(plan.spec, managed_by=managed_by)))
     except BaseException:
         for result in done:
             if result.action == "attached":  # only what this call created

@@ -14,7 +14,6 @@ import sys
 import pytest
 
 from tcbypass import attachments, loader
-from tcbypass.model import name_of_pin
 from tcbypass.sandbox import Sandbox, sh
 
 
@@ -46,29 +45,33 @@ def tc_state(netns: str, dev: str) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture
-def attachment_guard():
-    """Detach whatever a test attached, even when it fails, and report leaks."""
-    before = pins()
-    yield
-    for name in sorted(pins() - before):
-        if not name.endswith(attachments.STAGING):
-            attachments.detach(name_of_pin(name))
-    leaked = pins() - before
-    for name in leaked:
-        loader.remove_pins(f"{loader.PIN_ROOT}/{name}")
-    assert not leaked, f"pins left behind: {leaked}"
+def detach_sandbox_attachments(sb: Sandbox) -> set[str]:
+    """Detach every attachment whose pod namespace belongs to `sb` (and only those:
+    other processes may be attaching on this machine at the same time)."""
+    found = set()
+    for name in attachments.names():
+        record = attachments.read_record(attachments.pin_dir_of(name))
+        if record is not None and f"/tcb{sb.tag}-" in record.netns:
+            found.add(name)
+            attachments.detach(name)
+    return found
 
 
 @pytest.fixture
-def ovs_node(attachment_guard):
+def ovs_node():
     """A node with a private OVS (its own ovsdb-server and ovs-vswitchd)."""
     with Sandbox(ovs=True) as sb:
-        yield sb
+        try:
+            yield sb
+        finally:
+            detach_sandbox_attachments(sb)
 
 
 @pytest.fixture
-def bare_node(attachment_guard):
+def bare_node():
     """A node without OVS: the pod's veth ends in the node namespace."""
     with Sandbox(ovs=False) as sb:
-        yield sb
+        try:
+            yield sb
+        finally:
+            detach_sandbox_attachments(sb)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tcbypass.maps import Direction, Reason
+from tcbypass.maps import TC_ACT_REDIRECT, Direction, Reason
 
 from .pktgen import BROADCAST, from_vm, tcp_from_vm, tcp_to_vm
 
@@ -51,7 +51,7 @@ def test_every_repeated_run_is_counted(dp):
     m = dp.measure_ns_per_packet(Direction.FROM_VM, frame, repeat=1000)
     after = dp.maps.counters()
 
-    assert m.retval == 7
+    assert m.retval == TC_ACT_REDIRECT
     assert after.redirect_packets["from_vm"] - before.redirect_packets["from_vm"] == 1000
     assert after.redirect_bytes["from_vm"] - before.redirect_bytes["from_vm"] == 1000 * len(frame)
 

@@ -60,7 +60,7 @@ def test_malformed_replies_are_ovsdb_errors(reply):
 
 def test_monitor_initial_rows_decode_like_select_rows():
     reply = recorded("monitor_initial.json")
-    changes = list(ovsdb._updates(reply["result"]))
+    changes = list(ovsdb.table_updates(reply["result"]))
     ports = [p for _, p in changes if p is not None]
     assert {p.iface_id for p in ports} == {"web.prod", "vm1.prod", "vm1.prod.attachnet.prod.ovn"}
 

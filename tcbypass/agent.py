@@ -1,0 +1,304 @@
+"""`tcbypass agent`: keep every Kube-OVN VM port on this node bypassed.
+
+Event driven, no polling loop:
+- an OVSDB `monitor` of the Interface table tells when Kube-OVN plugs or
+  unplugs a pod NIC (and, after a reconnect, the whole current state);
+- one rtnetlink socket per pod network namespace, subscribed to link events,
+  tells when virt-handler builds the bridge and tap after the CNI ran, and
+  when a VM restart replaces the tap.
+
+Each event marks a VMI dirty; dirty VMIs are reconciled with `attach_vmi`
+(idempotent: unchanged, refreshed or attached) after a short debounce. A
+VMI whose port rows are gone is detached. Pods that are not bypassable
+(ordinary pods, masquerade) are remembered and looked at again only when
+their devices change.
+
+SIGTERM/SIGINT stop the loop and leave the datapath as it is (the programs
+and pins stay and keep carrying traffic), or detach everything the agent
+manages with `detach_on_exit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import attachments, loader, netns, ovsdb
+from .errors import NetnsError, NotBypassableError, OvsdbError, TcbError, UnknownVmiError
+from .vmi import Settings, attach_vmi, detach_vmi
+
+log = logging.getLogger(__name__)
+
+RTMGRP_LINK = 0x1
+DEBOUNCE = 0.05  # seconds to gather a burst of link events before reconciling
+RETRY = (0.2, 5.0)  # backoff bounds for failed reconciles and OVSDB reconnects
+
+
+@dataclass
+class AgentStats:
+    reconciles: int = 0
+    attaches: int = 0
+    detaches: int = 0
+    failures: int = 0
+    ovsdb_connects: int = 0
+    last_reaction_ms: dict = field(default_factory=dict)  # vmi key -> ms from first event to attached
+
+
+def _link_events_socket(path: str) -> socket.socket:
+    """A netlink socket inside the namespace at `path` that wakes up on link changes."""
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_LINK))
+        sock.setblocking(False)
+        return sock
+    return netns.run_in(path, make)
+
+
+class Agent:
+    def __init__(self, settings: Settings, detach_on_exit: bool = False, debounce: float = DEBOUNCE,
+                 spares: int = 1):
+        self.settings = settings
+        self.spares = spares
+        self.detach_on_exit = detach_on_exit
+        self.debounce = debounce
+        self.stats = AgentStats()
+        self._stop = False
+        self._ports: dict[str, ovsdb.Port] = {}  # OVSDB row uuid -> Kube-OVN port
+        self._watch: dict[str, socket.socket] = {}  # pod netns path -> link-event socket
+        self._dirty: dict[tuple[str, str], float] = {}  # (namespace, vmi) -> when it became dirty
+        self._retry_at: dict[tuple[str, str], float] = {}
+        self._backoff: dict[tuple[str, str], float] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._spare_proc: subprocess.Popen | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+    def stop(self, *_args) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        """Serve until stopped; reconnect to OVSDB whenever it goes away."""
+        delay = RETRY[0]
+        try:
+            while not self._stop:
+                try:
+                    with ovsdb.Connection(self.settings.url, self.settings.ovsdb_timeout) as conn:
+                        self.stats.ovsdb_connects += 1
+                        log.info("connected to OVSDB at %s", self.settings.url)
+                        self._serve(conn)
+                        delay = RETRY[0]
+                except OvsdbError as exc:
+                    if self._stop:
+                        break
+                    log.warning("OVSDB: %s; retrying in %.1f s", exc.message, delay)
+                    self._sleep(delay)
+                    delay = min(delay * 2, RETRY[1])
+        finally:
+            self._shutdown()
+
+    def _sleep(self, seconds: float) -> None:
+        select.select([self._wake_r], [], [], seconds)
+
+    def _refill_spare(self) -> None:
+        """Keep `spares` precompiled instances so that a new VM attaches in milliseconds.
+
+        The compile runs in a child process, so events are still served meanwhile.
+        """
+        if self._spare_proc is not None:
+            if self._spare_proc.poll() is None:
+                return
+            if self._spare_proc.returncode != 0:
+                log.warning("cannot precompile a spare instance (exit %s); attaches will compile on demand",
+                            self._spare_proc.returncode)
+                self.spares = 0
+            self._spare_proc = None
+        if self.spares and loader.spare_count() < self.spares:
+            self._spare_proc = subprocess.Popen(
+                [sys.executable, "-c", "from tcbypass import loader; loader.make_spare()"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _shutdown(self) -> None:
+        for sock in self._watch.values():
+            sock.close()
+        self._watch.clear()
+        if self._spare_proc is not None:
+            self._spare_proc.wait()
+        with contextlib.suppress(TcbError):
+            loader.remove_spares()
+        if self.detach_on_exit:
+            for name in self.managed():
+                with contextlib.suppress(TcbError):
+                    attachments.detach(name)
+                    log.info("detached %s on exit", name)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def managed(self) -> list[str]:
+        """Names of the attachments this agent (any agent) manages."""
+        out = []
+        for name in attachments.names():
+            record = attachments.read_record(attachments.pin_dir_of(name))
+            if record is not None and record.managed_by == "agent":
+                out.append(name)
+        return out
+
+    # --- the event loop ------------------------------------------------------------
+    def _serve(self, conn: ovsdb.Connection) -> None:
+        conn_id = "tcbypass-agent"
+        reply = conn.call("monitor", [ovsdb.DATABASE, conn_id, {"Interface": {"columns": ovsdb.INTERFACE_COLUMNS}}])
+        if reply.get("error"):
+            raise OvsdbError(f"OVSDB refused the monitor ({reply['error']})")
+        # A (re)connect brings the whole current state: forget rows we can no longer see.
+        seen = dict(ovsdb.table_updates(reply.get("result") or {}))
+        for uuid in list(self._ports):
+            if uuid not in seen:
+                self._row_changed(uuid, None)
+        for uuid, port in seen.items():
+            self._row_changed(uuid, port)
+        # Attachments the agent made for VMIs that no longer have rows (pod deleted while we were away).
+        self._collect_orphans()
+
+        while not self._stop:
+            self._reconcile_due()
+            self._refill_spare()
+            timeout = self._next_deadline()
+            if self._spare_proc is not None:
+                timeout = 0.1 if timeout is None else min(timeout, 0.1)
+            readers = [conn.fileno(), self._wake_r, *self._watch.values()]
+            ready, _, _ = select.select(readers, [], [], timeout)
+            for fd in ready:
+                if fd == conn.fileno():
+                    self._drain_ovsdb(conn)
+                elif fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 64)
+                else:
+                    self._link_event(fd)
+
+    def _drain_ovsdb(self, conn: ovsdb.Connection) -> None:
+        msg = conn.receive(timeout=self.settings.ovsdb_timeout)
+        while True:
+            if msg.get("method") == "echo":
+                conn.send_reply(msg.get("id"), msg.get("params", []))
+            elif msg.get("method") == "update" and len(msg.get("params", [])) == 2:
+                for uuid, port in ovsdb.table_updates(msg["params"][1]):
+                    self._row_changed(uuid, port)
+            if not conn.pending():
+                break
+            msg = conn.receive(timeout=self.settings.ovsdb_timeout)
+
+    def _row_changed(self, uuid: str, port: ovsdb.Port | None) -> None:
+        old = self._ports.pop(uuid, None)
+        if port is not None and port.pod_name and port.pod_namespace:
+            self._ports[uuid] = port
+            self._mark((port.pod_namespace, port.pod_name))
+            self._watch_netns(port.pod_netns)
+        if old is not None and (port is None or (old.pod_namespace, old.pod_name) != (port.pod_namespace,
+                                                                                      port.pod_name)):
+            self._mark((old.pod_namespace, old.pod_name))
+        self._unwatch_unused()
+
+    def _watch_netns(self, path: str) -> None:
+        if not path or path in self._watch:
+            return
+        try:
+            self._watch[path] = _link_events_socket(path)
+        except (NetnsError, OSError) as exc:
+            log.debug("cannot watch %s: %s", path, exc)
+
+    def _unwatch_unused(self) -> None:
+        wanted = {p.pod_netns for p in self._ports.values()}
+        for path in [p for p in self._watch if p not in wanted]:
+            # An open socket would keep a deleted pod's namespace alive.
+            self._watch.pop(path).close()
+
+    def _link_event(self, sock: socket.socket) -> None:
+        try:
+            while sock.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass
+        path = next((p for p, s in self._watch.items() if s is sock), None)
+        for port in self._ports.values():
+            if port.pod_netns == path:
+                self._mark((port.pod_namespace, port.pod_name))
+
+    def _mark(self, key: tuple[str, str]) -> None:
+        self._dirty.setdefault(key, time.monotonic())
+        self._retry_at.pop(key, None)
+
+    def _next_deadline(self) -> float | None:
+        now = time.monotonic()
+        times = [t + self.debounce for t in self._dirty.values()] + list(self._retry_at.values())
+        return max(0.0, min(times) - now) if times else None
+
+    def _reconcile_due(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, t in self._retry_at.items() if t <= now]:
+            self._retry_at.pop(key)
+            self._dirty.setdefault(key, now - self.debounce)
+        for key, since in list(self._dirty.items()):
+            if since + self.debounce <= now:
+                self._dirty.pop(key)
+                self._reconcile(key, since)
+
+    # --- reconciling one VMI ----------------------------------------------------------
+    def _reconcile(self, key: tuple[str, str], since: float) -> None:
+        namespace, name = key
+        self.stats.reconciles += 1
+        has_rows = any((p.pod_namespace, p.pod_name) == key for p in self._ports.values())
+        if not has_rows:
+            for record in detach_vmi(name, namespace):
+                self.stats.detaches += 1
+                log.info("%s/%s: pod gone, detached %s", namespace, name, record.name)
+            return
+        try:
+            result = attach_vmi(name, namespace, self.settings, managed_by="agent")
+        except (NotBypassableError, UnknownVmiError) as exc:
+            # An ordinary pod, masquerade, or a VM whose tap is not there yet: wait for its devices to change.
+            log.debug("%s/%s: not bypassed: %s", namespace, name, exc)
+            for record in detach_vmi(name, namespace):
+                self.stats.detaches += 1
+                log.info("%s/%s: no longer bypassable, detached %s", namespace, name, record.name)
+            return
+        except NetnsError as exc:
+            log.debug("%s/%s: %s", namespace, name, exc)
+            return
+        except TcbError as exc:
+            self.stats.failures += 1
+            delay = min(self._backoff.get(key, RETRY[0] / 2) * 2, RETRY[1])
+            self._backoff[key] = delay
+            self._retry_at[key] = time.monotonic() + delay
+            log.warning("%s/%s: attach failed (%s); the bridge still carries it; retrying in %.1f s",
+                        namespace, name, exc, delay)
+            return
+        self._backoff.pop(key, None)
+        for done in result.attached:
+            if done.action != "unchanged":
+                self.stats.attaches += 1
+                self.stats.last_reaction_ms[f"{namespace}/{name}"] = (time.monotonic() - since) * 1000
+                log.info("%s/%s: %s %s (%s <-> %s)", namespace, name, done.action, done.record.name,
+                         done.record.tap, done.record.nic)
+
+    def _collect_orphans(self) -> None:
+        live = {(p.pod_namespace, p.pod_name) for p in self._ports.values()}
+        for name in self.managed():
+            record = attachments.read_record(attachments.pin_dir_of(name))
+            if record is not None and (record.namespace, record.vmi) not in live:
+                self._mark((record.namespace, record.vmi))
+

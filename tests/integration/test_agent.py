@@ -1,0 +1,167 @@
+"""`tcbypass agent` against a real private OVS: it reacts to OVSDB and netlink events.
+
+Reaction times are printed (not asserted beyond a generous bound that only
+catches a stuck agent); the benchmark and the closing note carry the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tcbypass import attachments, loader, vmi
+from tcbypass.sandbox import ping, sh, wait_for_ping
+from tests.conftest import pins
+
+SERVER_IP = "10.16.0.2"
+BOUND = 15.0  # seconds: only a hung agent takes this long
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningAgent:
+    def __init__(self, sb, *extra: str):
+        self.port = free_port()
+        self.log = open(f"{sb.run_dir}/agent.log", "w")
+        env = {**os.environ, "TCBYPASS_OVSDB": sb.ovsdb_url, "TCBYPASS_OVS_NETNS": sb.netns_path(sb.node)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tcbypass", "agent", "--metrics-address",
+                                      f"127.0.0.1:{self.port}", *extra], env=env, stderr=self.log)
+        self.wait_for(lambda: self.metrics() is not None, "metrics endpoint up")
+
+    def metrics(self) -> str | None:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return None
+
+    def wait_for(self, predicate, what: str) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < BOUND:
+            assert self.proc.poll() is None, f"agent exited while waiting for {what}"
+            if predicate():
+                return time.monotonic() - started
+            time.sleep(0.005)
+        pytest.fail(f"agent did not get to: {what} within {BOUND} s; log: {self.log.name}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def node(ovs_node):
+    ovs_node.add_server_pod("web", SERVER_IP, namespace="prod")
+    return ovs_node
+
+
+@pytest.fixture
+def agent(node):
+    running = RunningAgent(node)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def state_of(name: str, namespace: str = "prod") -> list[str]:
+    return [s.state for s in vmi.statuses(namespace, name)]
+
+
+def report(capsys, text: str) -> None:
+    with capsys.disabled():
+        print(f"\n    [agent] {text}")
+
+
+def test_new_vm_port_is_attached(node, agent, capsys):
+    # An idle node: the agent has precompiled its spare instance.
+    agent.wait_for(lambda: loader.spare_count() >= 1, "spare instance ready")
+    [nic] = node.add_vm("vm1", ["10.16.0.5"], namespace="prod")
+    took = agent.wait_for(lambda: state_of("vm1") == ["active"], "vm1 active")
+    report(capsys, f"new VM port attached {took * 1000:.0f} ms after the pod was wired")
+    [status] = vmi.statuses("prod", "vm1")
+    assert status.record.managed_by == "agent"
+    node.block_bridge_unicast(nic)
+    assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3)
+
+
+def test_tap_recreation_is_refreshed(node, agent, capsys):
+    [nic] = node.add_vm("vm2", ["10.16.0.6"], namespace="prod")
+    agent.wait_for(lambda: state_of("vm2") == ["active"], "vm2 active")
+    old = vmi.statuses("prod", "vm2")[0].record.tap_ifindex
+    node.restart_vm(nic)
+    took = agent.wait_for(lambda: (s := vmi.statuses("prod", "vm2")) and s[0].state == "active"
+                          and s[0].record.tap_ifindex != old, "vm2 refreshed")
+    report(capsys, f"tap recreation refreshed after {took * 1000:.0f} ms")
+    node.block_bridge_unicast(nic)
+    assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3)
+
+
+def test_deleted_pod_is_cleaned_up(node, agent, capsys):
+    [nic] = node.add_vm("vm3", ["10.16.0.7"], namespace="prod")
+    agent.wait_for(lambda: state_of("vm3") == ["active"], "vm3 active")
+    node.vsctl("del-port", node.bridge, nic.host_port)  # what Kube-OVN does on pod deletion
+    sh("ip", "netns", "delete", nic.pod_ns)
+    node.netns_names.remove(nic.pod_ns)
+    took = agent.wait_for(lambda: not pins("vm3+prod"), "vm3 pins removed")
+    report(capsys, f"deleted pod cleaned up after {took * 1000:.0f} ms")
+    assert attachments.status_of("vm3.prod") is None
+
+
+def test_ovsdb_restart_is_survived(node, agent):
+    node.restart_ovsdb()
+    [nic] = node.add_vm("vm4", ["10.16.0.8"], namespace="prod")
+    agent.wait_for(lambda: state_of("vm4") == ["active"], "vm4 active after an OVSDB restart")
+    assert "tcbypass_agent_ovsdb_connects_total 2.0" in agent.metrics()
+    assert wait_for_ping(nic.vm_ns, SERVER_IP)
+
+
+def test_sigterm_leaves_the_fast_path_carrying_traffic(node, agent):
+    [nic] = node.add_vm("vm5", ["10.16.0.9"], namespace="prod")
+    agent.wait_for(lambda: state_of("vm5") == ["active"], "vm5 active")
+    node.block_bridge_unicast(nic)
+    assert agent.stop() == 0
+    assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3), "the programs stay after the agent exits"
+    assert state_of("vm5") == ["active"]
+    assert not [p for p in pins("@spare-")], "the agent removes its spare instances on exit"
+
+
+def test_detach_on_exit_restores_the_bridge(node):
+    running = RunningAgent(node, "--detach-on-exit")
+    try:
+        node.add_vm("vm6", ["10.16.0.10"], namespace="prod")
+        running.wait_for(lambda: state_of("vm6") == ["active"], "vm6 active")
+    finally:
+        assert running.stop() == 0
+    assert not pins("vm6+prod")
+
+
+def test_metrics_endpoint_serves_the_counters(node, agent, capsys):
+    [nic] = node.add_vm("vm7", ["10.16.0.11"], namespace="prod")
+    agent.wait_for(lambda: state_of("vm7") == ["active"], "vm7 active")
+    assert ping(nic.vm_ns, SERVER_IP, count=5) == (5, 5)
+    text = agent.metrics()
+    lines = [line for line in text.splitlines() if line.startswith("tcbypass_redirected_packets_total")
+             and 'vmi="vm7"' in line and 'direction="from_vm"' in line]
+    assert len(lines) == 1 and float(lines[0].rsplit(" ", 1)[1]) >= 5
+    assert 'tcbypass_attachment_state{iface_id="vm7.prod",name="vm7.prod",namespace="prod",state="active",' \
+           'vmi="vm7"} 1.0' in text
+    report(capsys, "metrics sample:\n      " + "\n      ".join(
+        line for line in text.splitlines() if 'vmi="vm7"' in line and not line.endswith(" 0.0"))[:1500])
