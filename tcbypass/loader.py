@@ -119,8 +119,11 @@ def make_spare(test: bool = False, peer: bool = False) -> str:
     a busy node); an agent keeps a spare so that a new VM is attached in
     milliseconds. A spare's maps are empty and nothing is attached to it.
     """
-    pin_dir = f"{PIN_ROOT}/{SPARE_PREFIX}{digest(test, peer)}-{os.getpid()}-{time.monotonic_ns()}"
-    compile_and_pin(pin_dir, test, peer)
+    unique = f"{os.getpid()}-{time.monotonic_ns()}"
+    building = f"{PIN_ROOT}/@building-{unique}"
+    pin_dir = f"{PIN_ROOT}/{SPARE_PREFIX}{digest(test, peer)}-{unique}"
+    compile_and_pin(building, test, peer)
+    os.rename(building, pin_dir)  # only a complete instance is ever visible as a spare
     return pin_dir
 
 
@@ -148,7 +151,7 @@ def remove_spares() -> int:
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if entry.startswith(SPARE_PREFIX):
+        if entry.startswith((SPARE_PREFIX, "@building-")):
             remove_pins(f"{PIN_ROOT}/{entry}")
             removed += 1
     return removed
