@@ -18,7 +18,7 @@ say() { printf 'setup: %s\n' "$*"; }
 packages=(
     python3-bpfcc bpfcc-tools libbpf1    # bcc compiles and loads the tc program
     python3-venv python3-pip
-    iproute2 ethtool kmod iputils-ping
+    iproute2 ethtool kmod iputils-ping tcpdump
     openvswitch-switch                   # ovsdb-server and ovs-vswitchd for tests and demo
     qperf iperf3                         # benchmarks
     qemu-system-x86 busybox-static cpio  # VM tests: a real guest on the tap

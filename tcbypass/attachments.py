@@ -14,6 +14,7 @@ the bridge carries the traffic as before and nothing is left half-applied.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -115,8 +116,6 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
                 tap=tap.name, tap_ifindex=tap.index, nic=nic.name, nic_ifindex=nic.index,
                 bridge=bridge.name, bridge_mac=bridge.mac, mac=spec.mac.lower(), dhcp_to_bridge=spec.dhcp_to_bridge,
                 digest=loader.digest(test_build, peer),
-                owned_clsact_tap=bool(old and old.tap_ifindex == tap.index and old.owned_clsact_tap),
-                owned_clsact_nic=bool(old and old.nic_ifindex == nic.index and old.owned_clsact_nic),
                 vmi=spec.vmi, namespace=spec.namespace, iface_id=spec.iface_id, managed_by=spec.managed_by,
                 attached_at=old.attached_at if old else time.time(),
             )
@@ -137,7 +136,7 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
             except BaseException:
                 log.warning("%s: attach failed; restoring the bridge path", spec.name)
                 with contextlib.suppress(Exception):
-                    _teardown(ipr, read_record(work_dir) or want)
+                    _teardown(ipr, read_record(work_dir) or want, remove_qdisc=True)
                 with contextlib.suppress(Exception):
                     loader.remove_pins(work_dir)
                 with contextlib.suppress(Exception):
@@ -172,49 +171,45 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: byte
 
         netns.run_in(ref.path, point_targets)
 
-        record = want
-        if tc.ensure_clsact(ipr, tap.index):
-            record = _replace(record, owned_clsact_tap=True)
-            maps.write_record(record.to_json())
-        if tc.ensure_clsact(ipr, nic.index):
-            record = _replace(record, owned_clsact_nic=True)
-            maps.write_record(record.to_json())
+        tc.ensure_clsact(ipr, tap.index, want.netns_id)
+        tc.ensure_clsact(ipr, nic.index, want.netns_id)
         tc.set_filter(ipr, tap.index, progs.from_vm, tc.filter_name(pin_id(want.name), "from_vm"))
         tc.set_filter(ipr, nic.index, progs.to_vm, tc.filter_name(pin_id(want.name), "to_vm"))
-        record = _replace(record, complete=True)
+        record = dataclasses.replace(want, complete=True)
         maps.write_record(record.to_json())
     return record
 
 
-def _replace(record: Record, **changes) -> Record:
-    data = record.to_json()
-    data.update(changes)
-    return Record(**data)
-
-
 # --- detach -------------------------------------------------------------
 
-def _teardown(ipr, record: Record) -> None:
-    """Remove our filters (and clsact where we made it) from the devices that are still there."""
+def _teardown(ipr, record: Record, remove_qdisc: bool = False) -> None:
+    """Remove our filters from the devices that are still there; with
+    `remove_qdisc`, also a clsact we added that nothing else uses."""
     links = {link.index: link for link in netdev.list_links(ipr).values()}
-    for ifindex, name, owned in ((record.tap_ifindex, record.tap, record.owned_clsact_tap),
-                                 (record.nic_ifindex, record.nic, record.owned_clsact_nic)):
+    for ifindex, name in ((record.tap_ifindex, record.tap), (record.nic_ifindex, record.nic)):
         link = links.get(ifindex)
         if link is None or link.name != name:
-            continue  # gone (its filters went with it) or now someone else's device
+            tc.forget_clsact(record.netns_id, ifindex)  # gone, and its filters with it
+            continue
         tc.remove_filter(ipr, ifindex)
-        if owned:
-            tc.release_clsact(ipr, ifindex)
+        if remove_qdisc:
+            tc.release_clsact(ipr, ifindex, record.netns_id)
 
 
-def detach(name: str) -> Record | None:
-    """Restore the bridge path for one attachment. Returns what was attached, or None."""
+def detach(name: str, remove_qdisc: bool = False) -> Record | None:
+    """Restore the bridge path for one attachment. Returns what was attached, or None.
+
+    A clsact qdisc tcbypass added stays (empty) unless `remove_qdisc`: adding
+    or removing a qdisc can drop frames in flight (see tc.py)."""
     pin_dir = pin_dir_of(name)
     with locked(name):
         record = read_record(pin_dir) or read_record(pin_dir + STAGING)
         if record is not None and netns.identity_of(record.netns) == record.netns_id:
             with netdev.open_netns(record.netns) as ipr:
-                _teardown(ipr, record)
+                _teardown(ipr, record, remove_qdisc)
+        elif record is not None:  # the pod is gone, and its devices and qdiscs with it
+            tc.forget_clsact(record.netns_id, record.tap_ifindex)
+            tc.forget_clsact(record.netns_id, record.nic_ifindex)
         loader.remove_pins(pin_dir + STAGING)
         if record is None and not os.path.isdir(pin_dir):
             return None

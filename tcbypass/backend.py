@@ -26,8 +26,8 @@ class NodeBackend:
     def attach_vmi(self, name: str, namespace: str, settings: vmi.Settings, dhcp_to_bridge: bool) -> vmi.VmiResult:
         return vmi.attach_vmi(name, namespace, settings, dhcp_to_bridge)
 
-    def detach(self, target: str, namespace: str) -> list[Record]:
-        return vmi.detach_target(target, namespace)
+    def detach(self, target: str, namespace: str, remove_qdisc: bool = False) -> list[Record]:
+        return vmi.detach_target(target, namespace, remove_qdisc)
 
     def statuses(self, namespace: str | None, name: str | None) -> list[Status]:
         return vmi.statuses(namespace, name)

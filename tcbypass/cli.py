@@ -166,16 +166,21 @@ def _default_name(netns: str, tap: str) -> str:
 @main.command()
 @click.argument("target", metavar="VMI|NAME")
 @_namespace_option
+@click.option("--remove-qdisc", is_flag=True,
+              help="Also remove the (empty) clsact qdisc tcbypass added, if nothing else uses it. Adding or "
+                   "removing a qdisc briefly stops the device's queues and can drop a frame in flight.")
 @click.pass_obj
-def detach(app: App, target: str, namespace: str) -> None:
+def detach(app: App, target: str, namespace: str, remove_qdisc: bool) -> None:
     """Restore the bridge path for VMI (all its NICs) or for attachment NAME.
 
-    Removes only tcbypass's own filters, its clsact qdisc if it created it
-    and nothing else uses it, and its pins. Needs no OVSDB. Exit 0 also when
-    nothing was attached.
+    Removes tcbypass's own filters and pins and nothing else; the bridge
+    carries everything again at once. An empty clsact qdisc that tcbypass
+    added stays unless --remove-qdisc (it changes nothing on the path, and
+    removing it can cost a packet). Needs no OVSDB. Exit 0 also when nothing
+    was attached.
     """
     _require_root(app, "detach")
-    records = _run(app, app.backend.detach, target, namespace)
+    records = _run(app, app.backend.detach, target, namespace, remove_qdisc)
     if not records:
         app.console.print(f"{target}: not attached, nothing to do", highlight=False)
     for r in records:

@@ -776,6 +776,7 @@ class Guest:
         if not shutil.which(QEMU):
             raise GuestError(f"{QEMU} is not installed", hint="apt-get install qemu-system-x86")
         self._check_taps()
+        os.makedirs(os.path.dirname(self.qmp_path), exist_ok=True)
         self.kernel = self.kernel or find_guest_kernel()
         initrd = build_initramfs(self.cache_dir, kernel=self.kernel)
         self.accel = choose_accel(self.requested_accel, self.kernel, initrd)
@@ -811,8 +812,36 @@ class Guest:
             nics += ["-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off",
                      "-device", f"virtio-net-pci,netdev=n{i},mac={mac}{offload}"]
         return [QEMU, "-name", "tcbypass-guest", *accel, *_machine_args(self.memory, self.cpus),
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-kernel", str(self.kernel.image), "-initrd", str(initrd),
                 "-append", kernel_cmdline(len(self.taps), self.static, self.kernel_args), *nics]
+
+    @property
+    def qmp_path(self) -> str:
+        return os.path.join(self.cache_dir, "..", "run", f"qmp-{os.getpid()}-{id(self):x}.sock")
+
+    def announce(self, rounds: int = 3) -> None:
+        """Make QEMU announce the guest's NICs (RARP from each NIC's MAC), as it
+        does when a live migration lands on the target node."""
+        import json as _json
+        import socket as _socket
+
+        with _socket.socket(_socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(self.qmp_path)
+            stream = sock.makefile("rwb")
+            stream.readline()  # greeting
+            for command in ({"execute": "qmp_capabilities"},
+                            {"execute": "announce-self",
+                             "arguments": {"initial": 50, "max": 100, "rounds": rounds, "step": 50}}):
+                stream.write(_json.dumps(command).encode() + b"\n")
+                stream.flush()
+                while True:
+                    reply = _json.loads(stream.readline() or b"{}")
+                    if "return" in reply or "error" in reply:
+                        break
+                if "error" in reply:
+                    raise GuestError(f"QMP {command['execute']} failed: {reply['error']}")
 
     def close(self) -> None:
         """Kill qemu and reap it. Safe to call more than once."""
@@ -825,6 +854,8 @@ class Guest:
         console, self._console = self._console, None
         if console:
             console.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.qmp_path)
 
     @property
     def pid(self) -> int | None:

@@ -66,8 +66,6 @@ class Record:
     mac: str
     dhcp_to_bridge: bool
     digest: str  # program build the pins came from
-    owned_clsact_tap: bool = False
-    owned_clsact_nic: bool = False
     vmi: str = ""
     namespace: str = ""
     iface_id: str = ""

@@ -3,11 +3,22 @@
 Ours is found by priority, handle and name; nothing else on the device is
 touched. The filter is replaced in place (same priority and handle), so a
 re-attach never leaves a gap in which frames miss the program.
+
+Adding or deleting a qdisc (clsact included) makes the kernel deactivate
+the device's transmit queues for a moment (qdisc_graft -> dev_deactivate):
+frames queued or sent to the device in that window are dropped. Measured
+on a qemu guest: 1 ping in 300 lost in two of three runs of three
+detach/re-attach cycles. So a clsact we add stays when we detach (an empty
+clsact changes nothing on the path) and is removed only on request
+(`release_clsact`). Which clsact qdiscs are ours is remembered in small
+marker files, since it must outlive the attachment's pins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -41,17 +52,33 @@ def filter_name(attachment_id: str, program: str) -> str:
     return f"{NAME_PREFIX}:{attachment_id}:{program}"
 
 
+OWNER_DIR = "/run/tcbypass/clsact"
+
+
+def _owner_marker(netns_id: str, ifindex: int) -> str:
+    return f"{OWNER_DIR}/{netns_id.replace(':', '-')}-{ifindex}"
+
+
+def owns_clsact(netns_id: str, ifindex: int) -> bool:
+    return os.path.exists(_owner_marker(netns_id, ifindex))
+
+
 def has_clsact(ipr: IPRoute, ifindex: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
 
 
-def ensure_clsact(ipr: IPRoute, ifindex: int) -> bool:
-    """Add clsact if missing; True when we created it."""
+def ensure_clsact(ipr: IPRoute, ifindex: int, netns_id: str) -> bool:
+    """Add clsact if missing and remember that it is ours; True when we created it."""
     if has_clsact(ipr, ifindex):
         return False
+    os.makedirs(OWNER_DIR, exist_ok=True)
+    marker = _owner_marker(netns_id, ifindex)
+    with open(marker, "w"):  # first, so that an interrupted attach still knows it is ours
+        pass
     try:
         ipr.tc("add", kind="clsact", index=ifindex)
     except NetlinkError as exc:
+        os.unlink(marker)
         if exc.code == errno.EEXIST:
             return False
         raise TcError(f"cannot add clsact to ifindex {ifindex} ({exc})",
@@ -105,14 +132,23 @@ def remove_filter(ipr: IPRoute, ifindex: int) -> bool:
     return True
 
 
-def release_clsact(ipr: IPRoute, ifindex: int) -> bool:
-    """Delete clsact when nothing is left on it (call only if we created it)."""
-    if filters(ipr, ifindex, INGRESS) or filters(ipr, ifindex, EGRESS):
+def release_clsact(ipr: IPRoute, ifindex: int, netns_id: str) -> bool:
+    """Delete clsact if we created it and nothing is left on it. Briefly
+    deactivates the device's queues (see the module comment)."""
+    if not owns_clsact(netns_id, ifindex):
         return False
+    if filters(ipr, ifindex, INGRESS) or filters(ipr, ifindex, EGRESS):
+        return False  # someone else uses it now: it is theirs as much as ours
     try:
         ipr.tc("del", kind="clsact", index=ifindex)
     except NetlinkError as exc:
-        if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            return False
-        raise TcError(f"cannot remove clsact from ifindex {ifindex} ({exc})") from None
+        if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            raise TcError(f"cannot remove clsact from ifindex {ifindex} ({exc})") from None
+    forget_clsact(netns_id, ifindex)
     return True
+
+
+def forget_clsact(netns_id: str, ifindex: int) -> None:
+    """Drop the ownership marker (the device or its namespace is gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_owner_marker(netns_id, ifindex))

@@ -110,17 +110,18 @@ def attachment_names(vmi: str, namespace: str) -> list[str]:
     return names
 
 
-def detach_vmi(vmi: str, namespace: str) -> list[Record]:
+def detach_vmi(vmi: str, namespace: str, remove_qdisc: bool = False) -> list[Record]:
     """Detach every NIC of the VMI. Needs no OVSDB: the records say what is attached."""
-    return [r for r in map(attachments.detach, attachment_names(vmi, namespace)) if r is not None]
+    return [r for r in (attachments.detach(n, remove_qdisc) for n in attachment_names(vmi, namespace))
+            if r is not None]
 
 
-def detach_target(target: str, namespace: str) -> list[Record]:
+def detach_target(target: str, namespace: str, remove_qdisc: bool = False) -> list[Record]:
     """`detach VMI|NAME`: the VMI's NICs in `namespace` if it has any, else the attachment NAME."""
     check_name(target)
-    records = detach_vmi(target, namespace)
+    records = detach_vmi(target, namespace, remove_qdisc)
     if not records:
-        record = attachments.detach(target)
+        record = attachments.detach(target, remove_qdisc)
         records = [record] if record else []
     return records
 

@@ -90,15 +90,28 @@ def test_attaching_twice_gives_the_same_state(pod):
     assert row["state"] == "active"
 
 
-def test_detach_restores_the_bridge_path_exactly(pod):
+def test_detach_removes_every_filter_and_pin_of_ours(pod):
     sb, nic = pod
-    before = (tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic), pins(sb.tag))
     assert run_cli(*attach_args(sb, nic)).returncode == 0
-    assert "tcbypass" in tc_state(nic.pod_ns, nic.tap)
+    assert "tcbypass" in tc_state(nic.pod_ns, nic.tap) and "tcbypass" in tc_state(nic.pod_ns, nic.nic)
     for _ in range(2):
         proc = run_cli("detach", f"t-{sb.tag}")
         assert proc.returncode == 0, proc.stderr
     assert "not attached" in proc.stdout
+    for dev in (nic.tap, nic.nic):
+        state = tc_state(nic.pod_ns, dev)
+        assert "filter" not in state and "clsact" in state, "our filters go; the empty clsact stays"
+    assert not pins(sb.tag)
+    assert ping(nic.vm_ns, SERVER_IP, count=2) == (2, 2)
+
+
+def test_detach_with_remove_qdisc_restores_tc_exactly(pod):
+    sb, nic = pod
+    before = (tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic), pins(sb.tag))
+    assert run_cli(*attach_args(sb, nic)).returncode == 0
+    assert run_cli("detach", f"t-{sb.tag}").returncode == 0
+    assert run_cli(*attach_args(sb, nic)).returncode == 0, "re-attach over our own leftover clsact"
+    assert run_cli("detach", f"t-{sb.tag}", "--remove-qdisc").returncode == 0
     assert (tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic), pins(sb.tag)) == before
     assert ping(nic.vm_ns, SERVER_IP, count=2) == (2, 2)
 
@@ -114,7 +127,7 @@ def test_foreign_filter_survives_attach_and_detach(pod):
     assert run_cli(*attach_args(sb, nic)).returncode == 0
     assert "u32" in tc_state(nic.pod_ns, nic.tap)
     assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3), "ours must work beside the foreign filter"
-    assert run_cli("detach", f"t-{sb.tag}").returncode == 0
+    assert run_cli("detach", f"t-{sb.tag}", "--remove-qdisc").returncode == 0
     assert tc_state(nic.pod_ns, nic.tap) == foreign, "the foreign filter and its clsact must stay"
 
 

@@ -114,7 +114,8 @@ def test_attach_status_detach_each_twice(node):
     for _ in range(2):
         proc = cli(sb, "status", "vm3", "-n", "prod")
         assert proc.returncode == 0 and "vm3.prod" in proc.stdout and "active" in proc.stdout
-    first, second = cli(sb, "detach", "vm3", "-n", "prod"), cli(sb, "detach", "vm3", "-n", "prod")
+    first = cli(sb, "detach", "vm3", "-n", "prod", "--remove-qdisc")
+    second = cli(sb, "detach", "vm3", "-n", "prod", "--remove-qdisc")
     assert (first.returncode, second.returncode) == (0, 0)
     assert "detached" in first.stdout and "not attached" in second.stdout
     assert (tc_state(nic.pod_ns, "tap0"), tc_state(nic.pod_ns, "eth0-nic")) == tc_before

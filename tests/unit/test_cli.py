@@ -47,8 +47,8 @@ class FakeBackend:
         skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, "not a veth")
         return VmiResult(name, namespace, (AttachResult(record(), "unchanged", 0.002),), (skipped,), ())
 
-    def detach(self, target, namespace):
-        self.calls.append(("detach", target, namespace))
+    def detach(self, target, namespace, remove_qdisc=False):
+        self.calls.append(("detach", target, namespace, remove_qdisc))
         self._maybe_fail()
         return [record()] if target == "vm1" else []
 

@@ -43,7 +43,7 @@ def test_record_round_trips_through_json_and_ignores_unknown_keys():
 
 def test_same_wiring_ignores_bookkeeping_but_not_devices():
     r = record()
-    assert r.same_wiring(record(attached_at=99.0, owned_clsact_tap=True))
+    assert r.same_wiring(record(attached_at=99.0, managed_by="agent"))
     assert not r.same_wiring(record(tap_ifindex=9))
     assert not r.same_wiring(record(digest="other"))
 
