@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import time
 from typing import Iterator
 
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 LOCK_DIR = "/run/tcbypass/locks"
 LOCK_TIMEOUT = 30.0
 STAGING = "@staging"
+
+
+def failpoint(name: str) -> None:
+    """Die here, as `kill -9` would, when $TCBYPASS_FAILPOINT names this point.
+    The reliability tests use it to prove an interrupted attach is recovered."""
+    if os.environ.get("TCBYPASS_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def pin_dir_of(name: str) -> str:
@@ -159,11 +167,12 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: byte
     local_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)
     with AttachmentMaps(work_dir) as maps, loader.open_programs(work_dir) as progs:
         maps.write_record(want.to_json())  # from here on an interrupted attach can be cleaned up
-        maps.set_port(tap.index, port_entry(vm_mac, local_mac, Direction.FROM_VM, flags))
-        maps.set_port(nic.index, port_entry(vm_mac, local_mac, Direction.TO_VM, flags))
         for ifindex in maps.port_ifindexes():
             if ifindex not in (tap.index, nic.index):
-                maps.drop_port(ifindex)  # the devices of an earlier VM run
+                maps.drop_port(ifindex)  # the devices of an earlier VM run, first: the map is bounded
+        maps.set_port(tap.index, port_entry(vm_mac, local_mac, Direction.FROM_VM, flags))
+        maps.set_port(nic.index, port_entry(vm_mac, local_mac, Direction.TO_VM, flags))
+        failpoint("maps-filled")
 
         def point_targets() -> None:  # devmap ifindexes resolve in the writer's namespace
             maps.set_target(Direction.FROM_VM, nic.index)
@@ -174,6 +183,7 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: byte
         tc.ensure_clsact(ipr, tap.index, want.netns_id)
         tc.ensure_clsact(ipr, nic.index, want.netns_id)
         tc.set_filter(ipr, tap.index, progs.from_vm, tc.filter_name(pin_id(want.name), "from_vm"))
+        failpoint("tap-filter-set")
         tc.set_filter(ipr, nic.index, progs.to_vm, tc.filter_name(pin_id(want.name), "to_vm"))
         record = dataclasses.replace(want, complete=True)
         maps.write_record(record.to_json())
@@ -255,7 +265,13 @@ def status_of(name: str) -> Status | None:
     pin_dir = pin_dir_of(name)
     record = read_record(pin_dir)
     if record is None:
-        return None
+        if not os.path.isdir(pin_dir):
+            return None
+        # Pins without a readable record: an interrupted attach, or another build's layout.
+        placeholder = Record(name=name, netns="?", netns_id="", tap="?", tap_ifindex=0, nic="?", nic_ifindex=0,
+                             bridge="", bridge_mac="", mac="?", dhcp_to_bridge=True, digest="")
+        return Status(placeholder, STATE_ORPHANED, ("unreadable pins (an interrupted attach or a foreign "
+                                                    "version); 'tcbypass gc' removes them",))
     try:
         with AttachmentMaps(pin_dir) as maps:
             counters = maps.counters()
@@ -273,3 +289,39 @@ def status_of(name: str) -> Status | None:
 
 def statuses() -> list[Status]:
     return [s for s in map(status_of, names()) if s is not None]
+
+
+# --- garbage collection ---------------------------------------------------
+
+def gc() -> list[str]:
+    """Remove what no live attachment needs: attachments whose pod is gone,
+    unreadable pins, staging and half-built directories left by a killed
+    process. Live attachments (even stale ones) are left alone."""
+    removed = []
+    try:
+        entries = sorted(os.listdir(loader.PIN_ROOT))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.startswith(loader.SPARE_PREFIX):
+            continue  # complete spares belong to a running agent
+        if entry.startswith("@building-"):
+            pid = entry.split("-")[1]
+            if not os.path.exists(f"/proc/{pid}"):
+                loader.remove_pins(f"{loader.PIN_ROOT}/{entry}")
+                removed.append(entry)
+            continue
+        name = name_of_pin(entry.removesuffix(STAGING))
+        try:
+            if entry.endswith(STAGING):
+                with locked(name, timeout=0.5):  # held while an attach is under way
+                    loader.remove_pins(f"{loader.PIN_ROOT}/{entry}")
+                removed.append(entry)
+            elif (status := status_of(name)) is not None and status.state == STATE_ORPHANED:
+                detach(name)
+                removed.append(name)
+        except BusyError:
+            continue  # someone is working on it right now
+    if tc.forget_dead_owners(netns.live_identities()):
+        removed.append("clsact ownership markers of deleted pods")
+    return removed

@@ -29,5 +29,8 @@ class NodeBackend:
     def detach(self, target: str, namespace: str, remove_qdisc: bool = False) -> list[Record]:
         return vmi.detach_target(target, namespace, remove_qdisc)
 
+    def gc(self) -> list[str]:
+        return attachments.gc()
+
     def statuses(self, namespace: str | None, name: str | None) -> list[Status]:
         return vmi.statuses(namespace, name)

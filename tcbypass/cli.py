@@ -248,6 +248,17 @@ def _bytes(n: float) -> str:
 
 
 @main.command()
+@click.pass_obj
+def gc(app: App) -> None:
+    """Remove leftovers: attachments whose pod is gone, unreadable pins, and
+    directories left by an interrupted attach. Live attachments, even stale
+    ones, are left alone (attach refreshes those)."""
+    _require_root(app, "gc")
+    removed = _run(app, app.backend.gc)
+    app.console.print(f"removed: {', '.join(removed)}" if removed else "nothing to remove", highlight=False)
+
+
+@main.command()
 @_ovsdb_option
 @_ovs_netns_option
 @click.option("--metrics-address", metavar="HOST:PORT", default="127.0.0.1:9477", show_default=True,

@@ -26,7 +26,9 @@ from . import bpfsys
 from .errors import BpfError
 from .maps import EGRESS, META, META_SIZE, PORTS, PROG_FROM_VM, PROG_TO_VM, STATS
 
-BPFFS = "/sys/fs/bpf"
+# Where bpffs is mounted. Only tests point elsewhere (a private bpffs mount, to
+# prove the errors for a missing or read-only one without touching the node's).
+BPFFS = os.environ.get("TCBYPASS_BPFFS", "/sys/fs/bpf")
 PIN_VERSION = "v1"
 PIN_ROOT = f"{BPFFS}/tcbypass/{PIN_VERSION}"
 MAX_PORTS = 4  # tap + NIC, and room for a new tap while the old one is dropped
@@ -65,7 +67,11 @@ def bpffs_ready() -> None:
         os.makedirs(PIN_ROOT, exist_ok=True)
     except OSError as exc:
         raise BpfError(f"cannot create {PIN_ROOT} ({exc.strerror})",
-                       hint="bpffs must be mounted read-write and we must be root") from None
+                       hint=f"bpffs must be mounted read-write (mount -o remount,rw {BPFFS}) and we must be root"
+                       ) from None
+    if not os.access(PIN_ROOT, os.W_OK):
+        raise BpfError(f"{PIN_ROOT} is not writable (bpffs read-only?)",
+                       hint=f"remount it read-write: mount -o remount,rw {BPFFS}")
 
 
 def compile_and_pin(pin_dir: str, test: bool = False, peer: bool = False) -> None:
@@ -76,7 +82,11 @@ def compile_and_pin(pin_dir: str, test: bool = False, peer: bool = False) -> Non
         raise BpfError("bcc is not importable", hint="install python3-bpfcc and use a venv with "
                        "--system-site-packages (scripts/setup.sh)") from None
     bpffs_ready()
-    os.mkdir(pin_dir)
+    try:
+        os.mkdir(pin_dir)
+    except OSError as exc:
+        raise BpfError(f"cannot create {pin_dir} ({exc.strerror})",
+                       hint=f"bpffs must be mounted read-write on {BPFFS}; 'tcbypass doctor' checks it") from None
     try:
         try:
             bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags(test, peer))

@@ -101,3 +101,22 @@ def run_in(path: str, fn: Callable[[], T]) -> T:
     if failure:
         raise failure[0]
     return result[0]
+
+
+def live_identities() -> set[str]:
+    """dev:ino of every network namespace this node can see: named ones and those of processes."""
+    found = set()
+    candidates = [os.path.join(NETNS_RUN_DIR, n) for n in _listdir(NETNS_RUN_DIR)]
+    candidates += [f"/proc/{pid}/ns/net" for pid in _listdir("/proc") if pid.isdigit()]
+    for path in candidates:
+        identity = identity_of(path)
+        if identity:
+            found.add(identity)
+    return found
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

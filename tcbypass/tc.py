@@ -152,3 +152,19 @@ def forget_clsact(netns_id: str, ifindex: int) -> None:
     """Drop the ownership marker (the device or its namespace is gone)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_owner_marker(netns_id, ifindex))
+
+
+def forget_dead_owners(live_netns_ids: set[str]) -> int:
+    """Drop markers of namespaces that no longer exist; returns how many."""
+    try:
+        markers = os.listdir(OWNER_DIR)
+    except FileNotFoundError:
+        return 0
+    live = {n.replace(":", "-") for n in live_netns_ids}
+    dropped = 0
+    for marker in markers:
+        if marker.rsplit("-", 1)[0] not in live:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{OWNER_DIR}/{marker}")
+            dropped += 1
+    return dropped

@@ -53,7 +53,7 @@ def detach_sandbox_attachments(sb: Sandbox) -> set[str]:
         record = attachments.read_record(attachments.pin_dir_of(name))
         if record is not None and f"/tcb{sb.tag}-" in record.netns:
             found.add(name)
-            attachments.detach(name)
+            attachments.detach(name, remove_qdisc=True)
     return found
 
 
