@@ -171,7 +171,10 @@ class Sandbox:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def add_netns(self, role: str) -> str:
-        name = f"tcb{self.tag}-{role}"
+        name, n = f"tcb{self.tag}-{role}", 1
+        while os.path.exists(self.netns_path(name)):  # a second pod of the same VMI (a migration)
+            n += 1
+            name = f"tcb{self.tag}-{role}-{n}"
         sh("ip", "netns", "add", name)
         self.netns_names.append(name)
         sh("ip", "link", "set", "lo", "up", netns=name)
