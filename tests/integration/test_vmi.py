@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tcbypass.sandbox import ping, sh, tcp_transfer, wait_for_ping
+from tcbypass.sandbox import mac_of, ping, sh, tcp_transfer, wait_for_ping
 from tests.conftest import pins, run_cli, tc_state
 
 SERVER_IP = "10.16.0.2"
@@ -85,15 +85,19 @@ def test_secondary_nic_is_bypassed_too(node):
 
 
 def test_two_vmis_with_the_same_ifindexes_each_carry_only_their_own_traffic(node):
-    sb, _ = node
+    sb, server = node
     [a] = sb.add_vm("vma", ["10.16.0.7"], namespace="team-a")
     [b] = sb.add_vm("vmb", ["10.16.0.8"], namespace="team-b")
     index = lambda nic, dev: int(sh("ip", "-o", "link", "show", "dev", dev, netns=nic.pod_ns).stdout.split(":")[0])
     assert (index(a, "tap0"), index(a, "eth0-nic")) == (index(b, "tap0"), index(b, "eth0-nic")), \
         "the two pods must number their devices alike for this test to mean anything"
+    web_mac = mac_of(server, "eth0")
     for nic in (a, b):
         assert wait_for_ping(nic.vm_ns, SERVER_IP)
         sb.block_bridge_unicast(nic)
+        # A static neighbour, so that only the pings below (no ARP probes) leave the VM as unicast.
+        sh("ip", "neigh", "replace", SERVER_IP, "lladdr", web_mac, "dev", "eth0", "nud", "permanent",
+           netns=nic.vm_ns)
     assert cli(sb, "attach", "vma", "-n", "team-a").returncode == 0
     assert cli(sb, "attach", "vmb", "-n", "team-b").returncode == 0
     before = {r["vmi"]: r["counters"]["redirected_packets"] for r in rows(sb)}
