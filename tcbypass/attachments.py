@@ -138,6 +138,8 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
                     loader.compile_and_pin(work_dir, test=test_build, peer=peer)
             try:
                 record = _program(ipr, ref, work_dir, want, vm_mac, tap, nic)
+                for gone in {old.tap_ifindex, old.nic_ifindex} - {tap.index, nic.index} if old else ():
+                    tc.forget_clsact(old.netns_id, gone)  # the old tap went, and its qdisc with it
                 if work_dir != pin_dir:
                     loader.remove_pins(pin_dir)
                     os.rename(work_dir, pin_dir)

@@ -57,21 +57,21 @@ def detach_sandbox_attachments(sb: Sandbox) -> set[str]:
     return found
 
 
-@pytest.fixture
-def ovs_node():
-    """A node with a private OVS (its own ovsdb-server and ovs-vswitchd)."""
-    with Sandbox(ovs=True) as sb:
+def _node(ovs: bool):
+    with Sandbox(ovs=ovs) as sb:
         try:
             yield sb
         finally:
             detach_sandbox_attachments(sb)
+
+
+@pytest.fixture
+def ovs_node():
+    """A node with a private OVS (its own ovsdb-server and ovs-vswitchd)."""
+    yield from _node(ovs=True)
 
 
 @pytest.fixture
 def bare_node():
     """A node without OVS: the pod's veth ends in the node namespace."""
-    with Sandbox(ovs=False) as sb:
-        try:
-            yield sb
-        finally:
-            detach_sandbox_attachments(sb)
+    yield from _node(ovs=False)
