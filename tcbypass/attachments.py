@@ -105,8 +105,10 @@ def _devices(links: dict[str, netdev.Link], spec: AttachSpec) -> tuple[netdev.Li
 def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> AttachResult:
     """Attach (or refresh) the fast path for one tap/NIC pair. Idempotent.
 
-    `test_build` and `peer` select program builds for tests and benchmarks.
+    `test_build` selects the test build; `peer` (or spec.redirect_peer) the
+    bpf_redirect_peer() build for the from-VM direction.
     """
+    peer = peer or spec.redirect_peer
     started = time.monotonic()
     vm_mac = parse_mac(spec.mac)
     pin_dir = pin_dir_of(spec.name)
@@ -125,6 +127,7 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
                 bridge=bridge.name, bridge_mac=bridge.mac, mac=spec.mac.lower(), dhcp_to_bridge=spec.dhcp_to_bridge,
                 digest=loader.digest(test_build, peer),
                 vmi=spec.vmi, namespace=spec.namespace, iface_id=spec.iface_id, managed_by=spec.managed_by,
+                redirect_peer=peer,
                 attached_at=old.attached_at if old else time.time(),
             )
             if old and old.complete and old.same_wiring(want) and not _problems(ipr, old, pin_dir):

@@ -23,8 +23,9 @@ class NodeBackend:
     def attach_explicit(self, spec: AttachSpec) -> AttachResult:
         return attachments.attach(spec)
 
-    def attach_vmi(self, name: str, namespace: str, settings: vmi.Settings, dhcp_to_bridge: bool) -> vmi.VmiResult:
-        return vmi.attach_vmi(name, namespace, settings, dhcp_to_bridge)
+    def attach_vmi(self, name: str, namespace: str, settings: vmi.Settings, dhcp_to_bridge: bool,
+                   redirect_peer: bool = False) -> vmi.VmiResult:
+        return vmi.attach_vmi(name, namespace, settings, dhcp_to_bridge, redirect_peer=redirect_peer)
 
     def detach(self, target: str, namespace: str, remove_qdisc: bool = False) -> list[Record]:
         return vmi.detach_target(target, namespace, remove_qdisc)

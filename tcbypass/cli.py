@@ -96,6 +96,10 @@ _namespace_option = click.option("-n", "--namespace", default=DEFAULT_NAMESPACE,
 @_ovs_netns_option
 @click.option("--no-dhcp-passthrough", is_flag=True,
               help="Fast-path DHCPv4 too (managedTap: OVN answers DHCP, no server on the bridge).")
+@click.option("--redirect-peer", is_flag=True,
+              help="Experimental: from the VM, hand frames straight to the host side of the pod's veth "
+                   "(bpf_redirect_peer), skipping one queue. Safe when that side is an OVS port (Kube-OVN); "
+                   "not when the host routes it (frames arrive as PACKET_OTHERHOST).")
 @click.option("--netns", metavar="NS", help="Explicit mode: pod network namespace, a name under /var/run/netns "
               "or a path such as /proc/PID/ns/net.")
 @click.option("--tap", metavar="TAP", help="Explicit mode: the VM's tap inside NS (tap0).")
@@ -104,8 +108,8 @@ _namespace_option = click.option("-n", "--namespace", default=DEFAULT_NAMESPACE,
 @click.option("--name", metavar="NAME", help="Explicit mode: name of the attachment (default: NS-TAP).")
 @click.pass_obj
 def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs_netns: str | None,
-           no_dhcp_passthrough: bool, netns: str | None, tap: str | None, nic: str | None, mac: str | None,
-           name: str | None) -> None:
+           no_dhcp_passthrough: bool, redirect_peer: bool, netns: str | None, tap: str | None, nic: str | None,
+           mac: str | None, name: str | None) -> None:
     """Bypass the in-pod bridge for VMI's bridge-bound NICs.
 
     Finds the VMI's ports in OVSDB (Kube-OVN's external_ids: pod_name is the
@@ -136,11 +140,11 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
     _require_root(app, "attach")
     if not vmi:
         spec = AttachSpec(name=name or _default_name(netns, tap), netns=netns, tap=tap, nic=nic, mac=mac,
-                          dhcp_to_bridge=not no_dhcp_passthrough)
+                          dhcp_to_bridge=not no_dhcp_passthrough, redirect_peer=redirect_peer)
         _print_result(app, "", _run(app, app.backend.attach_explicit, spec))
         return
     result = _run(app, app.backend.attach_vmi, vmi, namespace, _settings(ovsdb_url, ovs_netns),
-                  not no_dhcp_passthrough)
+                  not no_dhcp_passthrough, redirect_peer)
     for done in result.attached:
         _print_result(app, f"{namespace}/{vmi} ", done)
     for plan in result.skipped:

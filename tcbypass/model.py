@@ -48,6 +48,7 @@ class AttachSpec:
     namespace: str = ""
     iface_id: str = ""
     managed_by: str = "cli"
+    redirect_peer: bool = False  # from the VM, bpf_redirect_peer() into the host side (opt-in)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Record:
     namespace: str = ""
     iface_id: str = ""
     managed_by: str = "cli"
+    redirect_peer: bool = False
     attached_at: float = 0.0
     complete: bool = False  # False while an attach is under way (or was interrupted)
 
@@ -119,6 +121,7 @@ class Status:
             "mac": r.mac,
             "dhcp_to_bridge": r.dhcp_to_bridge,
             "managed_by": r.managed_by,
+            "redirect_peer": r.redirect_peer,
             "state": self.state,
             "problems": list(self.problems),
             "counters": self.counters.to_json(),

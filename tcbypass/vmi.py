@@ -75,7 +75,7 @@ def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool 
 
 
 def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
-               managed_by: str = "cli") -> VmiResult:
+               managed_by: str = "cli", redirect_peer: bool = False) -> VmiResult:
     """Attach every bridge-bound NIC of the VMI (all or nothing); `managed_by` is recorded for status."""
     plans = discover(vmi, namespace, settings, dhcp_to_bridge)
     good = [p for p in plans if p.ok]
@@ -87,7 +87,8 @@ def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: boo
     done: list[AttachResult] = []
     try:
         for plan in good:
-            done.append(attachments.attach(dataclasses.replace(plan.spec, managed_by=managed_by)))
+            spec = dataclasses.replace(plan.spec, managed_by=managed_by, redirect_peer=redirect_peer)
+            done.append(attachments.attach(spec))
     except BaseException:
         for result in done:
             if result.action == "attached":  # only what this call created

@@ -235,3 +235,22 @@ def test_not_root_is_refused(node):
                            sys.executable, "-m", "tcbypass", "attach", "vm1"],
                           capture_output=True, text=True, timeout=60, env={**os.environ, **env_of(sb)})
     assert_one_line_error(proc, 1, "needs root", "sudo")
+
+
+def test_redirect_peer_variant_carries_traffic_through_ovs(node):
+    """The opt-in bpf_redirect_peer build hands the VM's frames to the OVS port directly;
+    OVS switches them whatever their pkt_type, so ping and TCP work with the bridge blocked."""
+    sb, server = node
+    [nic] = sb.add_vm("vmp", ["10.16.0.20"], namespace="prod")
+    assert wait_for_ping(nic.vm_ns, SERVER_IP)
+    sb.block_bridge_unicast(nic)
+    proc = cli(sb, "attach", "vmp", "-n", "prod", "--redirect-peer")
+    assert proc.returncode == 0, proc.stderr
+    assert ping(nic.vm_ns, SERVER_IP, count=5) == (5, 5)
+    assert tcp_transfer(nic.vm_ns, server, SERVER_IP, 1 << 20) == 1 << 20
+    [row] = rows(sb, "vmp", "prod")
+    assert row["redirect_peer"] is True and row["counters"]["redirected_packets"]["from_vm"] >= 5
+    # Switching back to the default build replaces the instance in place.
+    proc = cli(sb, "attach", "vmp", "-n", "prod")
+    assert proc.returncode == 0 and "replaced" in proc.stdout
+    assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3)

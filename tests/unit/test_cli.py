@@ -41,7 +41,7 @@ class FakeBackend:
         self._maybe_fail()
         return AttachResult(record(spec.name, vmi="", namespace="", iface_id=""), "attached", 0.25)
 
-    def attach_vmi(self, name, namespace, settings, dhcp_to_bridge):
+    def attach_vmi(self, name, namespace, settings, dhcp_to_bridge, redirect_peer=False):
         self.calls.append(("attach_vmi", name, namespace, settings, dhcp_to_bridge))
         self._maybe_fail()
         skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, "not a veth")
