@@ -27,6 +27,7 @@
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/if_packet.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
@@ -226,9 +227,13 @@ static __always_inline int tcb_handle(struct __sk_buff *skb, __u32 dir)
 		tcb_test_target.update(&zero, &target);
 #endif
 #ifdef TCB_FROM_VM_PEER
-		if (dir == TCB_DIR_FROM_VM)
+		if (dir == TCB_DIR_FROM_VM) {
+			/* The frame was classified on the tap as for another host;
+			 * before 6.15 redirect_peer keeps that, and the host side
+			 * would drop it if it ends up in its own stack. */
+			bpf_skb_change_type(skb, PACKET_HOST);
 			ret = bpf_redirect_peer(target, 0);
-		else
+		} else
 #endif
 			ret = bpf_redirect(target, 0);
 	} else if (counters && verdict < TCB_PASS_MAX) {

@@ -80,6 +80,6 @@ if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv --system-site-packages "$venv"
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$venv/bin/python" -m pip install -q -e "$here[test]"
+"$venv/bin/python" -m pip install -q -e "$here[test,bench]"
 "$venv/bin/python" -c 'import bcc' || { echo "setup: the venv does not see bcc" >&2; exit 1; }
 say "ready: $venv/bin/tcbypass ($("$venv/bin/tcbypass" --version))"

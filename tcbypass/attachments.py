@@ -117,6 +117,9 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
         ref = netns.resolve(spec.netns)
         with netdev.open_netns(ref.path) as ipr:
             tap, nic, bridge = _devices(netdev.list_links(ipr), spec)
+            if peer and nic.kind != "veth":
+                raise DeviceError(f"--redirect-peer needs a veth pod NIC; {nic.name} is a {nic.kind or 'plain'} "
+                                  "device", hint="attach without --redirect-peer")
             old = read_record(pin_dir)
             if old is None and os.path.isdir(pin_dir):
                 log.info("%s: clearing an incomplete earlier attach", spec.name)

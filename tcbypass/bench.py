@@ -22,7 +22,8 @@ What is measured, interleaving the scenarios within every repetition (the
 order rotates from one repetition to the next) so that noise from other
 work on the machine hits all of them alike:
 
-- qperf tcp_lat and udp_lat per message size, client and server on one CPU;
+- qperf tcp_lat and udp_lat per message size, client and server on one CPU
+  (qperf reports latency as half the round trip);
 - iperf3 TCP throughput with 1 and 4 streams, and 64-byte UDP packets per
   second received;
 - the program's own cost in ns/packet (BPF_PROG_TEST_RUN with a repeat
@@ -61,11 +62,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
-from . import attachments, bpfsys, loader, netns
+from . import attachments, bpfsys, loader, netdev, netns, tc
 from .errors import TcbError
 from .maps import TC_ACT_REDIRECT, Direction
 from .model import AttachSpec
-from .sandbox import Sandbox, VmNic, mac_for, mac_of, sh, wait_for_ping
+from .sandbox import Sandbox, mac_for, mac_of, sh, wait_for_ping
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,9 @@ class Plan:
 
 
 def plan_for(quick: bool = False, reps: int | None = None, peer: bool = True) -> Plan:
-    """The full plan (about 12 minutes here) or the quick one (about a minute)."""
+    """The full plan (about 12 minutes here) or the quick one (about 1.5 minutes: qperf
+    runs last whole seconds, and 4 sizes x 2 tests x 4 scenarios x 2 repetitions is
+    64 s of qperf alone)."""
     plan = Plan()
     if quick:
         plan = replace(plan, sizes=QUICK_SIZES, reps=2, bw_seconds=1, test_run_repeat=100_000,
@@ -393,7 +396,7 @@ def _build_direct(sb: Sandbox) -> Scenario:
     return Scenario(DIRECT, sb.netns_path(vm), sb.netns_path(sb.node), mac_of(vm, "eth0"), mac_of(sb.node, host))
 
 
-def _build_pod(sb: Sandbox, name: str) -> tuple[Scenario, VmNic]:
+def _build_pod(sb: Sandbox, name: str) -> Scenario:
     """KubeVirt's bridge-binding pod, the peer on the node end of its veth."""
     [nic] = sb.add_vm(VMI, [VM_IP], vm_link="veth")
     sb.serve_on_host_port(nic, PEER_IP)
@@ -401,10 +404,9 @@ def _build_pod(sb: Sandbox, name: str) -> tuple[Scenario, VmNic]:
     if name in (BYPASS, BYPASS_PEER):
         spec = AttachSpec(name=f"bench-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic,
                           mac=nic.mac, vmi=VMI, namespace="bench", managed_by="bench")
-    scen = Scenario(name, sb.netns_path(nic.vm_ns), sb.netns_path(sb.node), nic.mac,
+    return Scenario(name, sb.netns_path(nic.vm_ns), sb.netns_path(sb.node), nic.mac,
                     mac_of(sb.node, nic.host_port), pod_ns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic,
                     spec=spec, peer=name == BYPASS_PEER)
-    return scen, nic
 
 
 def _netns_name(path: str) -> str:
@@ -645,40 +647,84 @@ def bpf_stats() -> Iterator[None]:
             f.write(before)
 
 
+LIVE_CASES = ("live: qperf tcp_lat 64 B", "live: qperf udp_lat 64 B", "live: iperf3 udp_pps 64 B")
+
+
+def _live_window(scen: Scenario, case: str, plan: Plan) -> None:
+    if "udp_pps" in case:
+        iperf3_run(scen, UDP_PPS, 1, plan)
+    else:
+        qperf_latency(scen, 64, ("udp_lat",) if "udp_lat" in case else ("tcp_lat",), plan)
+
+
+def _live_runs(scen: Scenario, programs: Sequence[tuple[str, int]], plan: Plan) -> list[ProgramCost]:
+    """Run each live window on `scen`; ns per run of every program that ran often enough."""
+    costs = []
+    for case in LIVE_CASES:
+        before = {name: bpfsys.prog_info(fd) for name, fd in programs}
+        _live_window(scen, case, plan)
+        for name, fd in programs:
+            after = bpfsys.prog_info(fd)
+            runs = after.run_cnt - before[name].run_cnt
+            if runs < 1000:  # a handful of ARP or ACK frames: not a figure
+                continue
+            ns = (after.run_time_ns - before[name].run_time_ns) / runs
+            costs.append(ProgramCost(scen.name, name, case, TC_ACT_REDIRECT if name != "empty" else 0, runs,
+                                     Summary(ns, ns, ns, 1), method="bpf_stats"))
+    return costs
+
+
+@contextlib.contextmanager
+def _hooked(scen: Scenario, prog_fd: int) -> Iterator[None]:
+    """`prog_fd` as a tc ingress filter on the tap and the NIC of a bridge pod, for the
+    duration (the pod is thrown away afterwards; the filters are removed anyway)."""
+    indexes = []
+    with netdev.open_netns(scen.pod_ns) as ipr:
+        try:
+            for dev in (scen.tap, scen.nic):
+                index = ipr.link_lookup(ifname=dev)[0]
+                ipr.tc("add", kind="clsact", index=index)
+                indexes.append(index)
+                ipr.tc("add-filter", kind="bpf", index=index, parent=tc.INGRESS, prio=1, handle=1,
+                       protocol=tc.ETH_P_ALL, fd=prog_fd, name="tcbypass-bench-empty", direct_action=True)
+            yield
+        finally:
+            for index in indexes:
+                with contextlib.suppress(Exception):
+                    ipr.tc("del", kind="clsact", index=index)
+
+
 def live_costs(scens: Sequence[Scenario], plan: Plan) -> list[ProgramCost]:
     """ns/packet of the attached programs in real traffic, from the kernel's own
-    run-time statistics, in two windows: qperf tcp_lat 64 B (one frame each
-    way per round trip, caches cooled by everything else between two frames)
-    and udp_pps (a stream of frames from the VM, caches warm). The statistics
-    read the clock around every run; the test run of the same program with the
-    statistics on shows what that adds."""
+    run-time statistics, in three windows: qperf tcp_lat and udp_lat at 64 B
+    (one frame each way per round trip, caches cooled by everything else that
+    runs between two frames) and udp_pps (a stream of frames from the VM,
+    caches warm).
+
+    For scale, an empty program hooked at the same two places of the bridge
+    pod, under the same traffic; and a test run of our program with the
+    statistics on, which shows what the statistics' own clock reads add."""
     costs = []
-    pods = [s for s in scens if s.spec is not None]
-    if not pods:
-        return costs
-    windows = (("live: qperf tcp_lat 64 B", lambda scen: qperf_latency(scen, 64, ("tcp_lat",), plan)),
-               ("live: iperf3 udp_pps 64 B", lambda scen: iperf3_run(scen, UDP_PPS, 1, plan)))
     with bpf_stats():
-        for scen in pods:
+        for scen in scens:
+            if scen.spec is None:
+                continue
             with loader.open_programs(attachments.pin_dir_of(scen.spec.name)) as progs:
-                fds = (("tcb_from_vm", progs.from_vm), ("tcb_to_vm", progs.to_vm))
-                for case, traffic in windows:
-                    before = {name: bpfsys.prog_info(fd) for name, fd in fds}
-                    traffic(scen)
-                    for name, fd in fds:
-                        after = bpfsys.prog_info(fd)
-                        runs = after.run_cnt - before[name].run_cnt
-                        if runs < 1000:  # a handful of ARP or ACK frames: not a figure
-                            continue
-                        ns = (after.run_time_ns - before[name].run_time_ns) / runs
-                        costs.append(ProgramCost(scen.name, name, case, TC_ACT_REDIRECT, runs,
-                                                 Summary(ns, ns, ns, 1), method="bpf_stats"))
+                costs += _live_runs(scen, (("tcb_from_vm", progs.from_vm), ("tcb_to_vm", progs.to_vm)), plan)
                 frame = udp_frame(scen.vm_mac, scen.peer_mac, VM_IP, PEER_IP)
                 runs = [_test_run(scen.pod_ns, progs.from_vm, frame, scen.tap, plan.test_run_repeat, plan.lat_cpu)
                         for _ in range(3)]
                 costs.append(ProgramCost(scen.name, "tcb_from_vm", "redirect: 64-byte UDP from the VM, "
                                          "bpf_stats on", runs[0].retval, plan.test_run_repeat,
                                          Summary.of([r.duration_ns for r in runs])))
+        bridge = next((s for s in scens if s.name == BRIDGE), None)
+        if bridge is not None:
+            with _empty_program() as fd:
+                if fd is not None:
+                    with _hooked(bridge, fd):
+                        for cost in _live_runs(bridge, (("empty", fd),), plan):
+                            costs.append(replace(cost, scenario="baseline",
+                                                 case=cost.case + " (on the bridge pod's tap and NIC)"))
     return costs
 
 
@@ -792,12 +838,20 @@ def check_tools(plan: Plan) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the cleanup below runs for both."""
+    """SIGTERM unwinds like Ctrl-C, so the cleanup in run() runs for both.
+
+    Only in this process: pyroute2 forks helpers (to open sockets in a
+    netns) that inherit the handler and are ended with SIGTERM; a helper
+    must die at once, not unwind a copy of our stack and tear down the
+    scenarios under us."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    owner = os.getpid()
 
     def handler(signum, frame):  # noqa: ARG001
+        if os.getpid() != owner:
+            os._exit(128 + signum)
         raise KeyboardInterrupt("SIGTERM")
 
     old = signal.signal(signal.SIGTERM, handler)
@@ -827,7 +881,7 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
             if name == DIRECT:
                 scens.append(_build_direct(sb))
                 continue
-            scen, nic = _build_pod(sb, name)
+            scen = _build_pod(sb, name)
             if name == BRIDGE:
                 report.machine["bridge_nf_call_iptables"] = _sysctl_in(scen.pod_ns,
                                                                        "net.bridge.bridge-nf-call-iptables")
@@ -969,6 +1023,29 @@ def reference_rows(test: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def comparison_rows(data: dict, test: str) -> tuple[list[str], list[list[str]]]:
+    """This machine's medians and recovered shares next to the reference's, per size."""
+    results = {(r["scenario"], r["size"]): r["median"] for r in data["results"] if r["test"] == test}
+    rec = {(r["scenario"], r["size"]): r for r in data["recovered"] if r["test"] == test}
+    peer = any(k[0] == BYPASS_PEER for k in results)
+    header = ["size", "direct", "bridge", "bypass"] + (["bypass_peer"] if peer else [])
+    header += ["recovered"] + (["recovered (peer)"] if peer else [])
+    header += ["ref. direct", "ref. bridge", "ref. bypass", "ref. recovered"]
+    rows = []
+    for size in sorted({k[1] for k in results} | set(REFERENCE[test])):
+        row = [_size_label(size)]
+        for s in (DIRECT, BRIDGE, BYPASS) + ((BYPASS_PEER,) if peer else ()):
+            row.append(_fmt(results.get((s, size))))
+        for s in (BYPASS,) + ((BYPASS_PEER,) if peer else ()):
+            r = rec.get((s, size))
+            row.append("—" if not r else f"{r['value'] * 100:.0f} %" + ("" if r["clear"] else " ~"))
+        d, b, p = REFERENCE[test].get(size, (None, None, None))
+        share = recovered_share(d, b, p) if None not in (d, b, p) else None
+        row += [_fmt(d), _fmt(b), _fmt(p), "—" if share is None else f"{share * 100:.0f} %"]
+        rows.append(row)
+    return header, rows
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     right = ["---"] + ["---:"] * (len(header) - 1)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(right) + " |"]
@@ -980,7 +1057,10 @@ def markdown(data: dict) -> str:
     """All tables of a report (its JSON form) in Markdown, for docs/benchmarks.md."""
     parts = []
     for test in LAT_TESTS:
-        parts += [f"#### {test}", markdown_table(*latency_rows(data, test))]
+        parts += [f"#### {test}: medians (µs) here and in the reference",
+                  markdown_table(*comparison_rows(data, test)),
+                  f"#### {test}: spread (± half the p10–p90 range) and ratios",
+                  markdown_table(*latency_rows(data, test))]
     parts += ["#### Throughput", markdown_table(*throughput_rows(data)),
               "#### Program cost", markdown_table(*program_rows(data)),
               "#### Attach time", markdown_table(*attach_rows(data))]
@@ -1074,7 +1154,7 @@ def plot(report: Report | dict, path: str) -> None:
                     color=colours[scen], alpha=0.6, label=f"{scen} (reference)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(f"{test}: round-trip latency (qperf)")
+        ax.set_title(f"{test}: qperf latency (half the round trip)")
         ax.set_ylabel("µs (median, p10–p90)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

@@ -98,8 +98,8 @@ _namespace_option = click.option("-n", "--namespace", default=DEFAULT_NAMESPACE,
               help="Fast-path DHCPv4 too (managedTap: OVN answers DHCP, no server on the bridge).")
 @click.option("--redirect-peer", is_flag=True,
               help="Experimental: from the VM, hand frames straight to the host side of the pod's veth "
-                   "(bpf_redirect_peer), skipping one queue. Safe when that side is an OVS port (Kube-OVN); "
-                   "not when the host routes it (frames arrive as PACKET_OTHERHOST).")
+                   "(bpf_redirect_peer), skipping one queue (see docs/benchmarks.md). Needs a veth pod NIC; "
+                   "proven with OVS's userspace datapath only.")
 @click.option("--netns", metavar="NS", help="Explicit mode: pod network namespace, a name under /var/run/netns "
               "or a path such as /proc/PID/ns/net.")
 @click.option("--tap", metavar="TAP", help="Explicit mode: the VM's tap inside NS (tap0).")
@@ -343,6 +343,50 @@ def demo(app: App, keep: bool, cleanup: str | None) -> None:
         app.console.print(f"sandbox kept: OVSDB {report.ovsdb_url}, node netns {report.node_netns}. "
                           f"Try: tcbypass status. Remove it with: tcbypass demo --cleanup {report.sandbox_tag}",
                           highlight=False)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="About 1.5 minutes: 4 sizes, 2 repetitions, 1-second runs (what CI runs).")
+@click.option("--reps", type=click.IntRange(1, 100), metavar="N",
+              help="Repetitions (default 6, or 2 with --quick).")
+@click.option("--no-peer", is_flag=True, help="Leave out the bpf_redirect_peer variant (fourth scenario).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also write the results as JSON to FILE.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
+              help="Also draw latency against message size, next to the reference (needs matplotlib).")
+@click.pass_obj
+def bench(app: App, quick: bool, reps: int | None, no_peer: bool, json_file: str | None,
+          plot_file: str | None) -> None:
+    """Measure what the in-pod bridge costs and what the bypass wins back.
+
+    Builds, side by side in namespaces of its own, a VM wired straight to
+    its peer (direct), KubeVirt's bridge-binding pod (bridge), and the same
+    pod with tcbypass attached (bypass; plus bypass_peer, built with
+    bpf_redirect_peer). Runs qperf latency per message size, iperf3
+    throughput and UDP packet rate, scenarios interleaved, client and server
+    pinned; then the program's own ns/packet and the attach time. Removes
+    everything it built. About 12 minutes (--quick: about 1.5).
+
+    \b
+    Examples:
+      tcbypass bench --quick
+      tcbypass bench --json docs/benchmarks.json --plot docs/benchmarks.png
+    """
+    from . import bench as benchmark
+
+    _require_root(app, "bench")
+    if plot_file:
+        _run(app, benchmark.check_plot)
+    plan = benchmark.plan_for(quick=quick, reps=reps, peer=not no_peer)
+    with benchmark.progress_display(app.err, plan) as progress:
+        report = _run(app, benchmark.run, plan, progress)
+    benchmark.render(report, app.console)
+    if json_file:
+        _run(app, benchmark.write_json, report, json_file)
+        app.err.print(f"results: {json_file}", highlight=False)
+    if plot_file:
+        _run(app, benchmark.plot, report, plot_file)
+        app.err.print(f"plot: {plot_file}", highlight=False)
 
 
 @main.command()
