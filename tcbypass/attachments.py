@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Iterator
 
-from . import loader, netdev, netns, tc
+from . import bpfsys, loader, netdev, netns, tc
 from .errors import BpfError, BusyError, DeviceError, TcbError
 from .maps import F_DHCP_TO_BRIDGE, AttachmentMaps, Counters, Direction, parse_mac, port_entry
 from .model import (STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, AttachResult, AttachSpec, Record, Status,
@@ -47,27 +47,43 @@ def pin_dir_of(name: str) -> str:
     return f"{loader.PIN_ROOT}/{pin_id(name)}"
 
 
+def _lock_path(name: str) -> str:
+    return f"{LOCK_DIR}/{pin_id(name)}.lock"
+
+
 @contextlib.contextmanager
 def locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """Serialise all work on one attachment across processes."""
+    """Serialise all work on one attachment across processes.
+
+    `detach` unlinks the lock file while holding it (so locks do not pile up
+    for every VM ever run); a waiter that then wins the lock on the unlinked
+    file notices the path names another inode now and starts over."""
     os.makedirs(LOCK_DIR, exist_ok=True)
-    fd = os.open(f"{LOCK_DIR}/{pin_id(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(_lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise BusyError(f"attachment {name} is busy: another tcbypass holds its lock",
+                                        hint="wait for it to finish and try again") from None
+                    time.sleep(0.02)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                if time.monotonic() > deadline:
-                    raise BusyError(f"attachment {name} is busy: another tcbypass holds its lock",
-                                    hint="wait for it to finish and try again") from None
-                time.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)
+                current = os.stat(_lock_path(name)).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                continue  # the holder removed the file: lock the new one
+            yield
+            return
+        finally:
+            os.close(fd)
 
 
 def read_record(pin_dir: str) -> Record | None:
@@ -75,7 +91,7 @@ def read_record(pin_dir: str) -> Record | None:
     if not os.path.isdir(pin_dir):
         return None
     try:
-        with AttachmentMaps(pin_dir) as maps:
+        with AttachmentMaps(pin_dir, readonly=True) as maps:
             data = maps.read_record()
     except BpfError:
         return None
@@ -190,12 +206,19 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: byte
 
         tc.ensure_clsact(ipr, tap.index, want.netns_id)
         tc.ensure_clsact(ipr, nic.index, want.netns_id)
-        tc.set_filter(ipr, tap.index, progs.from_vm, tc.filter_name(pin_id(want.name), "from_vm"))
+        names = _filter_names(want.name, progs)
+        tc.set_filter(ipr, tap.index, progs.from_vm, names[0])
         failpoint("tap-filter-set")
-        tc.set_filter(ipr, nic.index, progs.to_vm, tc.filter_name(pin_id(want.name), "to_vm"))
+        tc.set_filter(ipr, nic.index, progs.to_vm, names[1])
         record = dataclasses.replace(want, complete=True)
         maps.write_record(record.to_json())
     return record
+
+
+def _filter_names(name: str, progs: loader.Programs) -> tuple[str, str]:
+    """The names our filters on the tap and the NIC carry for these programs."""
+    return (tc.filter_name(pin_id(name), "from_vm", bpfsys.prog_info(progs.from_vm).id),
+            tc.filter_name(pin_id(name), "to_vm", bpfsys.prog_info(progs.to_vm).id))
 
 
 # --- detach -------------------------------------------------------------
@@ -219,20 +242,27 @@ def detach(name: str, remove_qdisc: bool = False) -> Record | None:
 
     A clsact qdisc tcbypass added stays (empty) unless `remove_qdisc`: adding
     or removing a qdisc can drop frames in flight (see tc.py)."""
-    pin_dir = pin_dir_of(name)
+    loader.bpffs_ready()
     with locked(name):
-        record = read_record(pin_dir) or read_record(pin_dir + STAGING)
-        if record is not None and netns.identity_of(record.netns) == record.netns_id:
-            with netdev.open_netns(record.netns) as ipr:
-                _teardown(ipr, record, remove_qdisc)
-        elif record is not None:  # the pod is gone, and its devices and qdiscs with it
-            tc.forget_clsact(record.netns_id, record.tap_ifindex)
-            tc.forget_clsact(record.netns_id, record.nic_ifindex)
-        loader.remove_pins(pin_dir + STAGING)
-        if record is None and not os.path.isdir(pin_dir):
-            return None
-        loader.remove_pins(pin_dir)
-    log.info("%s: detached", name)
+        return _detach_locked(name, remove_qdisc)
+
+
+def _detach_locked(name: str, remove_qdisc: bool) -> Record | None:
+    pin_dir = pin_dir_of(name)
+    record = read_record(pin_dir) or read_record(pin_dir + STAGING)
+    if record is not None and netns.identity_of(record.netns) == record.netns_id:
+        with netdev.open_netns(record.netns) as ipr:
+            _teardown(ipr, record, remove_qdisc)
+    elif record is not None:  # the pod is gone, and its devices and qdiscs with it
+        tc.forget_clsact(record.netns_id, record.tap_ifindex)
+        tc.forget_clsact(record.netns_id, record.nic_ifindex)
+    loader.remove_pins(pin_dir + STAGING)
+    existed = record is not None or os.path.isdir(pin_dir)
+    loader.remove_pins(pin_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_lock_path(name))  # still held: see locked()
+    if existed:
+        log.info("%s: detached", name)
     return record
 
 
@@ -253,15 +283,25 @@ def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
     if not record.complete:
         problems.append("attach did not finish")
     links = netdev.list_links(ipr)
-    for role, name, ifindex in (("tap", record.tap, record.tap_ifindex), ("nic", record.nic, record.nic_ifindex)):
+    try:
+        with loader.open_programs(pin_dir) as progs:
+            expected = _filter_names(record.name, progs)
+    except (BpfError, OSError):
+        expected = ("", "")
+        problems.append("the pinned programs cannot be opened")
+    for role, name, ifindex, want in (("tap", record.tap, record.tap_ifindex, expected[0]),
+                                      ("nic", record.nic, record.nic_ifindex, expected[1])):
         link = links.get(name)
+        ours = tc.our_filter(ipr, ifindex) if link is not None and link.index == ifindex else None
         if link is None:
             problems.append(f"{role} {name} is gone")
         elif link.index != ifindex:
             problems.append(f"{role} {name} is now ifindex {link.index} (was {ifindex})")
-        elif tc.our_filter(ipr, ifindex) is None:
+        elif ours is None:
             problems.append(f"our filter is missing on {name}")
-    with AttachmentMaps(pin_dir) as maps:
+        elif want and ours.name != want:
+            problems.append(f"our filter on {name} runs another program instance")
+    with AttachmentMaps(pin_dir, readonly=True) as maps:
         if maps.target(Direction.FROM_VM) != record.nic_ifindex:
             problems.append("no fast-path target towards the NIC")
         if maps.target(Direction.TO_VM) != record.tap_ifindex:
@@ -281,7 +321,7 @@ def status_of(name: str) -> Status | None:
         return Status(placeholder, STATE_ORPHANED, ("unreadable pins (an interrupted attach or a foreign "
                                                     "version); 'tcbypass gc' removes them",))
     try:
-        with AttachmentMaps(pin_dir) as maps:
+        with AttachmentMaps(pin_dir, readonly=True) as maps:
             counters = maps.counters()
     except BpfError:
         counters = Counters.zero()
@@ -296,15 +336,26 @@ def status_of(name: str) -> Status | None:
 
 
 def statuses() -> list[Status]:
+    if not os.path.ismount(loader.BPFFS):
+        raise BpfError(f"bpffs is not mounted on {loader.BPFFS}: no attachment can be read (programs may still "
+                       "run on devices whose pins vanished with the mount)",
+                       hint=f"mount it again: mount -t bpf bpf {loader.BPFFS}")
     return [s for s in map(status_of, names()) if s is not None]
 
 
 # --- garbage collection ---------------------------------------------------
 
+def _leftover(status: Status) -> bool:
+    """Orphaned, or an attach that never completed. (Attach holds the lock from
+    before it writes the record until it completes it, so under the lock an
+    incomplete record means that attach died.)"""
+    return status.state == STATE_ORPHANED or not status.record.complete
+
 def gc() -> list[str]:
     """Remove what no live attachment needs: attachments whose pod is gone,
     unreadable pins, staging and half-built directories left by a killed
     process. Live attachments (even stale ones) are left alone."""
+    loader.bpffs_ready()
     removed = []
     try:
         entries = sorted(os.listdir(loader.PIN_ROOT))
@@ -325,9 +376,13 @@ def gc() -> list[str]:
                 with locked(name, timeout=0.5):  # held while an attach is under way
                     loader.remove_pins(f"{loader.PIN_ROOT}/{entry}")
                 removed.append(entry)
-            elif (status := status_of(name)) is not None and status.state == STATE_ORPHANED:
-                detach(name)
-                removed.append(name)
+            elif (status := status_of(name)) is not None and _leftover(status):
+                with locked(name, timeout=0.5):
+                    # Judge again under the lock: an attach may have finished meanwhile.
+                    status = status_of(name)
+                    if status is not None and _leftover(status):
+                        _detach_locked(name, remove_qdisc=False)
+                        removed.append(name)
         except BusyError:
             continue  # someone is working on it right now
     if tc.forget_dead_owners(netns.live_identities()):

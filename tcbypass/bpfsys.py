@@ -26,6 +26,7 @@ def _lib() -> ctypes.CDLL:
     except OSError as exc:
         raise BpfError(f"cannot load libbpf ({exc})", hint="install libbpf1 (scripts/setup.sh does)") from exc
     lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    lib.bpf_obj_get_opts.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
     lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
     for fn in ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_delete_elem"):
         getattr(lib, fn).restype = ctypes.c_int
@@ -53,9 +54,49 @@ BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
 
 
-def obj_get(path: str) -> int:
-    """Open a pinned map or program; the caller closes the fd."""
-    return _check(_lib().bpf_obj_get(path.encode()), f"open pin {path}")
+BPF_F_RDONLY = 1 << 3
+
+
+class _ObjGetOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("file_flags", ctypes.c_uint32), ("path_fd", ctypes.c_int)]
+
+
+def obj_get(path: str, readonly: bool = False) -> int:
+    """Open a pinned map or program; the caller closes the fd. Read-only
+    opens work on a read-only bpffs too (a plain open asks for read-write)."""
+    if not readonly:
+        return _check(_lib().bpf_obj_get(path.encode()), f"open pin {path}")
+    opts = _ObjGetOpts(sz=ctypes.sizeof(_ObjGetOpts), file_flags=BPF_F_RDONLY)
+    return _check(_lib().bpf_obj_get_opts(path.encode(), ctypes.byref(opts)), f"open pin {path}")
+
+
+class _MapInfo(ctypes.Structure):
+    # The head of struct bpf_map_info (uapi/linux/bpf.h).
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries)
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -16,7 +16,11 @@ import ctypes
 import functools
 import hashlib
 import os
+import contextlib
+import logging
 import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +32,8 @@ from .maps import EGRESS, META, META_SIZE, PORTS, PROG_FROM_VM, PROG_TO_VM, STAT
 
 # Where bpffs is mounted. Only tests point elsewhere (a private bpffs mount, to
 # prove the errors for a missing or read-only one without touching the node's).
+log = logging.getLogger(__name__)
+
 BPFFS = os.environ.get("TCBYPASS_BPFFS", "/sys/fs/bpf")
 PIN_VERSION = "v1"
 PIN_ROOT = f"{BPFFS}/tcbypass/{PIN_VERSION}"
@@ -84,15 +90,24 @@ def compile_and_pin(pin_dir: str, test: bool = False, peer: bool = False) -> Non
     bpffs_ready()
     try:
         os.mkdir(pin_dir)
+    except FileExistsError:
+        raise BpfError(f"{pin_dir} already exists", hint="another tcbypass is building it; try again") from None
     except OSError as exc:
         raise BpfError(f"cannot create {pin_dir} ({exc.strerror})",
                        hint=f"bpffs must be mounted read-write on {BPFFS}; 'tcbypass doctor' checks it") from None
     try:
-        try:
-            bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags(test, peer))
-        except Exception as exc:
-            raise BpfError(f"bcc could not compile {source_path().name} ({exc})",
-                           hint="kernel headers missing? run 'tcbypass doctor'") from None
+        with _captured_output() as output:
+            try:
+                bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags(test, peer))
+            except Exception:
+                bpf = None
+        if bpf is None:
+            first = _first_meaningful(output.text)
+            log.debug("bcc said:\n%s", output.text)
+            raise BpfError(f"bcc could not compile {source_path().name}: {first}",
+                           hint="kernel headers missing? run 'tcbypass doctor' (scripts/setup.sh installs them)")
+        if output.text.strip():
+            log.debug("bcc said:\n%s", output.text)
         try:
             for prog in (PROG_FROM_VM, PROG_TO_VM):
                 fn = bpf.load_func(prog.encode(), BPF.SCHED_CLS)
@@ -109,6 +124,40 @@ def compile_and_pin(pin_dir: str, test: bool = False, peer: bool = False) -> Non
     except BaseException:
         remove_pins(pin_dir)
         raise
+
+
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def _captured_output():
+    """Catch what bcc and clang print on fds 1 and 2 (warnings, "Unable to find
+    kernel headers"), so a failure is one line of ours and the rest goes to the log."""
+    captured = _Captured()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            captured.text = sink.read().decode(errors="replace")
+
+
+def _first_meaningful(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "Unable to find kernel headers" in line or "fatal error" in line or "error:" in line:
+            return line
+    return lines[0] if lines else "no output"
 
 
 SPARE_PREFIX = "@spare-"
@@ -195,11 +244,11 @@ class Programs:
 
 def open_programs(pin_dir: str) -> Programs:
     try:
-        from_vm = bpfsys.obj_get(f"{pin_dir}/{PROG_FROM_VM}")
+        from_vm = bpfsys.obj_get(f"{pin_dir}/{PROG_FROM_VM}", readonly=True)
     except OSError as exc:
         raise BpfError(f"cannot open {pin_dir}/{PROG_FROM_VM} ({exc.strerror})") from None
     try:
-        to_vm = bpfsys.obj_get(f"{pin_dir}/{PROG_TO_VM}")
+        to_vm = bpfsys.obj_get(f"{pin_dir}/{PROG_TO_VM}", readonly=True)
     except OSError as exc:
         os.close(from_vm)
         raise BpfError(f"cannot open {pin_dir}/{PROG_TO_VM} ({exc.strerror})") from None

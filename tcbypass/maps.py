@@ -51,6 +51,7 @@ TC_ACT_REDIRECT = 7
 PORTS, EGRESS, STATS, META = "tcb_ports", "tcb_egress", "tcb_stats", "tcb_meta"
 PROG_FROM_VM, PROG_TO_VM = "tcb_from_vm", "tcb_to_vm"
 META_SIZE = 4096
+PIN_LAYOUT = "v1"  # bump with loader.PIN_VERSION when a map's layout changes
 
 
 class PortEntry(ctypes.Structure):
@@ -130,21 +131,48 @@ def sum_counters(per_cpu: list[CountersEntry]) -> Counters:
     )
 
 
-class AttachmentMaps:
-    """Open fds of one attachment's pinned maps; use as a context manager."""
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_DEVMAP = 1, 2, 6, 14
 
-    def __init__(self, pin_dir: str):
+
+def expected_layout() -> dict[str, tuple[int, int, int]]:
+    """(type, key size, value size) of each map of this build, from the structs above."""
+    return {
+        PORTS: (BPF_MAP_TYPE_HASH, 4, ctypes.sizeof(PortEntry)),
+        EGRESS: (BPF_MAP_TYPE_DEVMAP, 4, 4),
+        STATS: (BPF_MAP_TYPE_PERCPU_ARRAY, 4, ctypes.sizeof(CountersEntry)),
+        META: (BPF_MAP_TYPE_ARRAY, 4, META_SIZE),
+    }
+
+
+class AttachmentMaps:
+    """Open fds of one attachment's pinned maps; use as a context manager.
+
+    Every map is checked against this build's layout before use: a pin of
+    another version or tool with other value sizes would otherwise make the
+    kernel write past our buffers."""
+
+    def __init__(self, pin_dir: str, readonly: bool = False):
         self.pin_dir = pin_dir
+        self.readonly = readonly
         self._fds: dict[str, int] = {}
 
     def __enter__(self) -> "AttachmentMaps":
         try:
-            for name in (PORTS, EGRESS, STATS, META):
-                self._fds[name] = bpfsys.obj_get(f"{self.pin_dir}/{name}")
+            for name, layout in expected_layout().items():
+                fd = bpfsys.obj_get(f"{self.pin_dir}/{name}", readonly=self.readonly)
+                self._fds[name] = fd
+                info = bpfsys.map_info(fd)
+                if (info.type, info.key_size, info.value_size) != layout:
+                    raise BpfError(f"{self.pin_dir}/{name} is not a tcbypass {PIN_LAYOUT} map "
+                                   f"(type {info.type}, key {info.key_size} B, value {info.value_size} B)",
+                                   hint="pins of another version or tool; 'tcbypass gc' removes them")
         except OSError as exc:
             self.close()
             raise BpfError(f"cannot open the pinned maps in {self.pin_dir} ({exc.strerror})",
                            hint="run 'tcbypass gc' to clear a broken attachment, then attach again") from exc
+        except BpfError:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

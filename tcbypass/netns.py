@@ -59,8 +59,11 @@ def resolve(spec: str) -> NetnsRef:
     except FileNotFoundError:
         raise NetnsError(f"network namespace {path} does not exist",
                          hint="is the pod running? check 'ip netns list' or the pod's /proc/PID/ns/net") from None
-    except OSError as exc:
+    except PermissionError as exc:
         raise NetnsError(f"cannot read network namespace {path} ({exc.strerror})", hint="run as root") from None
+    except OSError as exc:
+        raise NetnsError(f"{path} is not a network namespace ({exc.strerror})",
+                         hint="pass a name from 'ip netns list' or a path such as /proc/PID/ns/net") from None
     ref = NetnsRef(path, st.st_dev, st.st_ino)
     run_in(ref.path, lambda: None)  # proves it is a netns and that setns works
     return ref

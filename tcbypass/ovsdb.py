@@ -236,7 +236,10 @@ class Connection:
     def select(self, table: str, columns: list[str], where: list) -> list[dict]:
         reply = self.call("transact", [DATABASE, {"op": "select", "table": table, "where": where,
                                                   "columns": columns}])
-        return decode_select_reply(reply)
+        try:
+            return decode_select_reply(reply)
+        except OvsdbError as exc:
+            raise OvsdbError(f"{exc.message} (OVSDB at {self.url})", hint=exc.hint) from None
 
 
 def kubeovn_ports(url: str | None = None, timeout: float = TIMEOUT, **ids: str) -> list[Port]:

@@ -48,8 +48,10 @@ class Filter:
         return self.priority == PRIORITY and self.handle == HANDLE and self.name.startswith(NAME_PREFIX)
 
 
-def filter_name(attachment_id: str, program: str) -> str:
-    return f"{NAME_PREFIX}:{attachment_id}:{program}"
+def filter_name(attachment_id: str, program: str, prog_id: int) -> str:
+    """Names our filter after the attachment and the program instance it runs, so that
+    status can tell a filter left on an older instance (an interrupted upgrade)."""
+    return f"{NAME_PREFIX}:{attachment_id}:{program}:{prog_id}"
 
 
 OWNER_DIR = "/run/tcbypass/clsact"
