@@ -109,10 +109,9 @@ def test_from_vm_vlan_tagged_frame_passes_as_ethertype(dp):
 
     BPF_PROG_TEST_RUN hands the frame to the program as given, tag included.
     On a live device the stack moves the outer tag into skb metadata before
-    tc runs (__netif_receive_skb_core -> skb_vlan_untag): measured on a veth,
-    a single-tagged unicast frame from the VM is then redirected like an
-    untagged one (the tag survives on the far side). Only the inner tag of a
-    double-tagged frame reaches this check there.
+    tc runs (__netif_receive_skb_core -> skb_vlan_untag); the program checks
+    skb->vlan_present for that case, which the test context cannot set:
+    tests/reliability proves it with real tagged traffic on a veth.
     """
     frame = bytes(from_vm() / Dot1Q(vlan=100) / IP(src=ADDR.vm_ip, dst=ADDR.peer_ip) / UDP(sport=5000, dport=5001))
     dp.from_vm(frame).expect_pass(Reason.ETHERTYPE)

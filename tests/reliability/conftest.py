@@ -245,3 +245,15 @@ def status_rows(tag: str, *args: str) -> list[dict]:
 def explicit_args(sb, nic: VmNic, name: str, *extra: str) -> tuple[str, ...]:
     return ("attach", "--netns", sb.netns_path(nic.pod_ns), "--tap", nic.tap, "--nic", nic.nic,
             "--mac", nic.mac, "--name", name, *extra)
+
+
+def assert_one_line_error(proc, code: int, *fragments: str) -> str:
+    """The CLI failed with `code` and said so in exactly one line on stderr
+    (nothing on stdout, no traceback) containing every fragment."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr and proc.stdout.strip() == "", \
+        (proc.stdout, proc.stderr)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

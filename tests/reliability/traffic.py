@@ -1,44 +1,49 @@
 """Measured traffic between namespaces of a sandbox: a sequence-numbered UDP
 stream and a fast ping, each run by a small process inside a namespace.
 
-Every sender sends a fixed number of packets at a fixed rate and stops by
-itself; every receiver stops after a quiet second or a hard deadline. All
-timestamps are CLOCK_MONOTONIC (shared by every process on the machine), so
-a lost packet can be matched to the operation that was under way when it
-was sent.
+Every sender sends at a fixed rate until the test says stop (`finish()`),
+and stops by itself after at most `limit` seconds; every receiver stops
+after a quiet spell or a hard deadline. All timestamps are CLOCK_MONOTONIC
+(shared by every process on the machine), so a lost packet can be matched
+to the operation that was under way when it was sent.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
+import os
 import re
+import secrets
+import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 from tcbypass.sandbox import NETNS_DIR
 
-# Sends `count` datagrams of 4-byte sequence number + padding at `rate` per
-# second, a few per wake-up (time.sleep has ~1 ms granularity), and prints
-# the send time of each in µs. A failed send is recorded, not retried.
+# Sends datagrams of 4-byte sequence number + padding at `rate` per second,
+# a few per wake-up (time.sleep has ~1 ms granularity), until the file
+# `stop` exists or `count` are sent, and prints the send time of each in µs.
+# A failed send is recorded, not retried.
 _SENDER = r"""
-import json, socket, struct, sys, time
-dst, port, rate, count = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+import json, os, socket, struct, sys, time
+dst, port, rate, count, stop = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 pad = b"r" * 60
-sent, failed = [0] * count, []
+sent, failed = [], []
 t0 = time.monotonic()
-i = 0
-while i < count:
+while len(sent) < count and not os.path.exists(stop):
     due = int((time.monotonic() - t0) * rate) + 1
-    while i < count and i < due:
-        sent[i] = int(time.monotonic() * 1e6)
+    while len(sent) < min(count, due):
+        i = len(sent)
+        sent.append(int(time.monotonic() * 1e6))
         try:
             s.sendto(struct.pack("!I", i) + pad, (dst, port))
         except OSError as exc:
             failed.append([i, exc.errno])
-        i += 1
     time.sleep(0.0005)
 print(json.dumps({"sent_us": sent, "failed": failed}))
 """
@@ -130,15 +135,18 @@ class FlowResult:
 
 
 class UdpFlow:
-    """A sequence-numbered UDP stream from `src_ns` to `dst_ip` (in `dst_ns`).
+    """A sequence-numbered UDP stream from `src_ns` to `dst_ip` (in `dst_ns`),
+    for at most `limit` seconds.
 
     The sender runs pinned to one CPU so that the stream itself never
     reorders (a sender that migrates between CPUs can, bypass or not)."""
 
-    def __init__(self, name: str, src_ns: str, dst_ns: str, dst_ip: str, port: int, rate: float, count: int,
-                 cpu: int = 0, tolerance: int = 0):
+    def __init__(self, name: str, src_ns: str, dst_ns: str, dst_ip: str, port: int, rate: float,
+                 limit: float = 40.0, cpu: int = 0, tolerance: int = 0):
         self.name, self.src_ns, self.dst_ns, self.dst_ip = name, src_ns, dst_ns, dst_ip
-        self.port, self.rate, self.count, self.cpu, self.tolerance = port, rate, count, cpu, tolerance
+        self.port, self.rate, self.cpu, self.tolerance = port, rate, cpu, tolerance
+        self.count = int(rate * limit)
+        self.stop_file = f"/tmp/tcbypass-reliability-stop-{secrets.token_hex(4)}"
         self.sender: subprocess.Popen | None = None
         self.receiver: subprocess.Popen | None = None
 
@@ -153,10 +161,16 @@ class UdpFlow:
     def start_sender(self) -> None:
         self.sender = subprocess.Popen(
             _in_netns(self.src_ns, "python3", "-c", _SENDER, self.dst_ip, str(self.port), str(self.rate),
-                      str(self.count), cpu=self.cpu),
+                      str(self.count), self.stop_file, cpu=self.cpu),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def finish(self) -> None:
+        """Tell the sender to stop (it does within a millisecond or two)."""
+        with open(self.stop_file, "w"):
+            pass
+
     def result(self) -> FlowResult:
+        """Wait for the sender to stop (finish() first, or it runs to its limit) and the receiver to drain."""
         timeout = self.count / self.rate + 70
         out, err = self.sender.communicate(timeout=timeout)
         assert self.sender.returncode == 0, f"{self.name}: sender failed: {err}"
@@ -168,10 +182,13 @@ class UdpFlow:
                           got["rcvbuf_errors"], self.tolerance)
 
     def stop(self) -> None:
+        """Kill whatever still runs and remove the stop file (teardown, also after a failure)."""
         for proc in (self.sender, self.receiver):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.stop_file)
 
 
 @dataclass
@@ -194,33 +211,50 @@ class PingResult:
 
 
 class PingFlow:
-    """`ping -i interval -c count` from `src_ns`; stops by itself."""
+    """`ping -i interval` from `src_ns` until finish() (SIGINT), at most `limit` seconds."""
 
-    def __init__(self, src_ns: str, dst_ip: str, interval: float, count: int):
-        self.src_ns, self.dst_ip, self.interval, self.count = src_ns, dst_ip, interval, count
+    def __init__(self, src_ns: str, dst_ip: str, interval: float, limit: float = 40.0):
+        self.src_ns, self.dst_ip, self.interval = src_ns, dst_ip, interval
+        self.count = int(limit / interval)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        # A line per reply: into a file, not a pipe, which would fill up and stall ping.
+        self.output = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             _in_netns(self.src_ns, "ping", "-n", "-D", "-i", str(self.interval), "-c", str(self.count), "-W", "2",
                       self.dst_ip),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=self.output, stderr=subprocess.DEVNULL, text=True)
+
+    def finish(self) -> None:
+        """Stop sending: ping prints its summary on SIGINT (nsenter exec'd it: same pid)."""
+        self.proc.send_signal(signal.SIGINT)
 
     def result(self) -> PingResult:
-        out, _ = self.proc.communicate(timeout=self.count * self.interval * 3 + 30)
+        self.proc.wait(timeout=self.count * self.interval * 3 + 30)
+        self.output.seek(0)
+        out = self.output.read()
+        self.output.close()
         summary = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         assert summary, out[-500:]
         # -D stamps each reply with the wall clock; convert to the monotonic clock.
         offset = time.time() - time.monotonic()
         replied = {int(seq): float(stamp) - offset
                    for stamp, seq in re.findall(r"^\[(\d+\.\d+)\].*icmp_seq=(\d+)", out, re.M)}
-        missing = sorted(set(range(1, int(summary.group(1)) + 1)) - set(replied))
-        return PingResult(int(summary.group(1)), int(summary.group(2)), missing, out.count("(DUP!)"), replied)
+        transmitted = int(summary.group(1))
+        missing = sorted(set(range(1, transmitted + 1)) - set(replied))
+        if missing and missing[-1] == transmitted:  # sent just before SIGINT: its reply had no time
+            missing.pop()
+            transmitted -= 1
+        summary_received = int(summary.group(2))
+        return PingResult(transmitted, summary_received, missing, out.count("(DUP!)"), replied)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc is not None:
+            self.output.close()
 
 
 @dataclass
@@ -236,11 +270,12 @@ class Timeline:
         finally:
             self.events.append((label, start, time.monotonic()))
 
-    def phases(self, begin: float, end: float) -> list[tuple[str, float, float]]:
+    def phases(self, begin: float, end: float,
+               first: str = "bridge path, before any attach") -> list[tuple[str, float, float]]:
         """Consecutive phases: before the first event, then from each event's
         start to the next one's start (the operation and the quiet time after it)."""
         starts = [(label, s) for label, s, _ in self.events]
-        out = [("bridge path, before any attach", begin, starts[0][1] if starts else end)]
+        out = [(first, begin, starts[0][1] if starts else end)]
         for i, (label, s) in enumerate(starts):
             out.append((label, s, starts[i + 1][1] if i + 1 < len(starts) else end))
         return out
