@@ -211,6 +211,10 @@ class Sandbox:
         with open(f"{self.run_dir}/{daemon}.pid") as f:
             return int(f.read().strip())
 
+    @property
+    def vswitchd_pid(self) -> int:
+        return self._pid("ovs-vswitchd")
+
     def vsctl(self, *args: str) -> str:
         return sh("ovs-vsctl", f"--db={self.ovsdb_url}", "--timeout=10", *args).stdout.strip()
 
