@@ -314,6 +314,14 @@ class Sandbox:
         """Without OVS: make the node end of the pod's veth the VM's peer."""
         sh("ip", "addr", "add", f"{ip}/{nic.prefix}", "dev", nic.host_port, netns=self.node)
 
+    def pin_neighbours(self, nic: VmNic, server_ip: str) -> None:
+        """Without OVS: static ARP entries both ways between the VM and the node end
+        of its pod's veth, so that only a test's own frames cross (no ARP probes)."""
+        sh("ip", "neigh", "replace", nic.ip, "lladdr", nic.mac, "dev", nic.host_port, "nud", "permanent",
+           netns=self.node)
+        sh("ip", "neigh", "replace", server_ip, "lladdr", mac_of(self.node, nic.host_port), "dev", nic.vm_dev,
+           "nud", "permanent", netns=nic.vm_ns)
+
     def restart_vm(self, nic: VmNic) -> None:
         """What a VM restart does to the pod: the tap goes away and a new one
         (new ifindex) joins the bridge. Veth VMs get a new veth pair."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcbypass.sandbox import mac_of, ping, sh, tcp_transfer, wait_for_ping
+from tcbypass.sandbox import ping, sh, tcp_transfer, wait_for_ping
 from tests.conftest import pins, run_cli, status_json, tc_state
 
 SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
@@ -31,13 +31,6 @@ def attach_args(sb, nic, *extra):
 def counters(name):
     [row] = [r for r in status_json() if r["name"] == name]
     return row["counters"]
-
-
-def pin_neighbours(sb, nic):
-    """Static ARP entries both ways, so that only the test's own packets cross."""
-    sh("ip", "neigh", "replace", SERVER_IP, "lladdr", mac_of(sb.node, nic.host_port),
-       "dev", nic.vm_dev, "nud", "permanent", netns=nic.vm_ns)
-    sh("ip", "neigh", "replace", VM_IP, "lladdr", nic.mac, "dev", nic.host_port, "nud", "permanent", netns=sb.node)
 
 
 def test_fast_path_carries_ping_and_tcp_only_while_attached(pod):
@@ -68,7 +61,7 @@ def test_broadcast_arp_still_crosses_the_bridge(pod):
 
 def test_counters_match_the_packets_sent(pod):
     sb, nic = pod
-    pin_neighbours(sb, nic)
+    sb.pin_neighbours(nic, SERVER_IP)
     assert run_cli(*attach_args(sb, nic)).returncode == 0
     assert ping(nic.vm_ns, SERVER_IP, count=50, interval=0.01) == (50, 50)
     c = counters(f"t-{sb.tag}")

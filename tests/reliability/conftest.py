@@ -257,3 +257,11 @@ def assert_one_line_error(proc, code: int, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+@pytest.fixture
+def bare_pod(bare_node):
+    """vm1 (10.16.0.5) in a bridge-binding pod; the node end of its veth is the server (10.16.0.2)."""
+    [nic] = bare_node.add_vm("vm1", ["10.16.0.5"])
+    bare_node.serve_on_host_port(nic, "10.16.0.2")
+    return bare_node, nic

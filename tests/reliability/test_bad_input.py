@@ -35,11 +35,8 @@ SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
 
 
 @pytest.fixture
-def pod(bare_node):
-    sb = bare_node
-    [nic] = sb.add_vm("vm1", [VM_IP])
-    sb.serve_on_host_port(nic, SERVER_IP)
-    return sb, nic
+def pod(bare_pod):
+    return bare_pod
 
 
 def snapshot(nic) -> tuple:

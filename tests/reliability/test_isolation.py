@@ -20,7 +20,7 @@ from scapy.layers.l2 import Ether
 
 from tcbypass import attachments, netns
 from tcbypass.model import AttachSpec
-from tcbypass.sandbox import mac_of, sh, wait_for_ping
+from tcbypass.sandbox import mac_of, wait_for_ping
 
 from .conftest import report
 
@@ -36,15 +36,10 @@ ETH_P_ALL = 0x0003
 
 
 @pytest.fixture
-def pod(bare_node):
-    sb = bare_node
-    [nic] = sb.add_vm("vm1", [VM_IP])
-    sb.serve_on_host_port(nic, SERVER_IP)
+def pod(bare_pod):
+    sb, nic = bare_pod
     assert wait_for_ping(nic.vm_ns, SERVER_IP)
-    # Static neighbours: no ARP probe of either side adds to the counters the tests compare.
-    sh("ip", "neigh", "replace", VM_IP, "lladdr", nic.mac, "dev", nic.host_port, "nud", "permanent", netns=sb.node)
-    sh("ip", "neigh", "replace", SERVER_IP, "lladdr", mac_of(sb.node, nic.host_port), "dev", nic.vm_dev,
-       "nud", "permanent", netns=nic.vm_ns)
+    sb.pin_neighbours(nic, SERVER_IP)  # only the test's own frames cross
     spec = AttachSpec(name=f"iso-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac)
     attachments.attach(spec)
     return sb, nic, spec

@@ -13,7 +13,7 @@ import pytest
 from tcbypass import attachments, tc
 from tcbypass.maps import AttachmentMaps, Direction
 from tcbypass.model import AttachSpec
-from tcbypass.sandbox import mac_of, ping, sh, wait_for_ping
+from tcbypass.sandbox import ping, sh, wait_for_ping
 from tests.conftest import run_cli
 
 from .conftest import (assert_one_attachment_or_none, instance_ids, links, loaded_ids, pin_entries, report,
@@ -26,15 +26,10 @@ SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
 
 
 @pytest.fixture
-def pod(bare_node):
-    sb = bare_node
-    [nic] = sb.add_vm("vm1", [VM_IP])
-    sb.serve_on_host_port(nic, SERVER_IP)
+def pod(bare_pod):
+    sb, nic = bare_pod
     assert wait_for_ping(nic.vm_ns, SERVER_IP)
-    # Static neighbours: only the test's own frames cross, and the first one after the restart needs no ARP.
-    sh("ip", "neigh", "replace", VM_IP, "lladdr", nic.mac, "dev", nic.host_port, "nud", "permanent", netns=sb.node)
-    sh("ip", "neigh", "replace", SERVER_IP, "lladdr", mac_of(sb.node, nic.host_port), "dev", nic.vm_dev,
-       "nud", "permanent", netns=nic.vm_ns)
+    sb.pin_neighbours(nic, SERVER_IP)  # only the test's own frames cross
     spec = AttachSpec(name=f"bh-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac)
     return sb, nic, spec
 
