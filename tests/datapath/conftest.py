@@ -270,7 +270,7 @@ class Datapath:
 # --- fixtures ------------------------------------------------------------------------
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("the datapath layer needs root (bpf(2), network namespaces)")
+        pytest.fail("the datapath layer needs root (bpf(2), network namespaces): run the suite as root")
 
 
 @pytest.fixture(scope="session")

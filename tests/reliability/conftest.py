@@ -38,7 +38,7 @@ from tcbypass.sandbox import VmNic, sh
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("the reliability layer needs root (bpf(2), namespaces, mounts)")
+        pytest.fail("the reliability layer needs root (bpf(2), namespaces, mounts): run the suite as root")
 
 
 def report(capsys, text: str) -> None:
