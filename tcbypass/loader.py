@@ -12,7 +12,6 @@ re-attach, detach and status reuse the pins.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
@@ -253,14 +252,3 @@ def open_programs(pin_dir: str) -> Programs:
         os.close(from_vm)
         raise BpfError(f"cannot open {pin_dir}/{PROG_TO_VM} ({exc.strerror})") from None
     return Programs(from_vm, to_vm)
-
-
-def read_test_target(pin_dir: str) -> int:
-    """The last redirect target recorded by a TCB_TEST build."""
-    fd = bpfsys.obj_get(f"{pin_dir}/tcb_test_target")
-    try:
-        value = ctypes.c_uint32()
-        bpfsys.map_lookup(fd, ctypes.c_uint32(0), value)
-        return value.value
-    finally:
-        os.close(fd)

@@ -249,28 +249,6 @@ def kubeovn_ports(url: str | None = None, timeout: float = TIMEOUT, **ids: str) 
     return [p for p in map(decode_port, rows) if p is not None]
 
 
-def monitor_ports(conn: Connection) -> Iterator[tuple[str, Port | None]]:
-    """Start a monitor of Interface rows on `conn`; yield (uuid, port) for the
-    initial rows and every later change, port None when the row went away or
-    is not Kube-OVN's. Blocks between updates; OvsdbError when the server goes away."""
-    conn_id = "tcbypass-ports"
-    reply = conn.call("monitor", [DATABASE, conn_id, {"Interface": {"columns": INTERFACE_COLUMNS}}])
-    if reply.get("error"):
-        raise OvsdbError(f"OVSDB refused the monitor ({reply['error']})", hint=HINT)
-    yield from table_updates(reply.get("result") or {})
-    while True:
-        try:
-            msg = conn.receive(timeout=3600)
-        except OvsdbError as exc:
-            if "did not answer" in exc.message:
-                continue
-            raise
-        if msg.get("method") == "echo":
-            conn.send_reply(msg.get("id"), msg.get("params", []))
-        elif msg.get("method") == "update" and len(msg.get("params", [])) == 2:
-            yield from table_updates(msg["params"][1])
-
-
 def table_updates(table_updates: dict) -> Iterator[tuple[str, Port | None]]:
     # A monitor's "new" carries every monitored column; "old" only the changed ones.
     for uuid, change in (table_updates.get("Interface") or {}).items():

@@ -105,7 +105,7 @@ class Instance:
     test_target_fd: int  # tcb_test_target, only in TCB_TEST builds
 
     def test_target(self) -> int:
-        """The last redirect target recorded (what loader.read_test_target reads)."""
+        """The last redirect target recorded."""
         value = ctypes.c_uint32()
         bpfsys.map_lookup(self.test_target_fd, ctypes.c_uint32(0), value)
         return value.value

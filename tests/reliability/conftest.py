@@ -32,8 +32,8 @@ import pytest
 
 from tcbypass import attachments, bpfsys, loader, maps
 from tcbypass.maps import AttachmentMaps, Direction
-from tcbypass.model import Record
-from tcbypass.sandbox import VmNic, sh
+from tcbypass.model import AttachSpec, Record
+from tcbypass.sandbox import VmNic, sh, wait_for_ping
 
 
 def require_root() -> None:
@@ -265,3 +265,14 @@ def bare_pod(bare_node):
     [nic] = bare_node.add_vm("vm1", ["10.16.0.5"])
     bare_node.serve_on_host_port(nic, "10.16.0.2")
     return bare_node, nic
+
+
+def quiet_pod(bare_pod, prefix: str):
+    """bare_pod with the bridge path checked and static neighbours (only a test's own
+    frames cross), and the spec to attach it as `<prefix>-<tag>`."""
+    sb, nic = bare_pod
+    assert wait_for_ping(nic.vm_ns, "10.16.0.2")
+    sb.pin_neighbours(nic, "10.16.0.2")
+    spec = AttachSpec(name=f"{prefix}-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic,
+                      mac=nic.mac)
+    return sb, nic, spec

@@ -19,10 +19,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from tcbypass import attachments, netns
-from tcbypass.model import AttachSpec
-from tcbypass.sandbox import mac_of, wait_for_ping
+from tcbypass.sandbox import mac_of
 
-from .conftest import report
+from .conftest import quiet_pod, report
 
 pytestmark = pytest.mark.root
 
@@ -37,10 +36,7 @@ ETH_P_ALL = 0x0003
 
 @pytest.fixture
 def pod(bare_pod):
-    sb, nic = bare_pod
-    assert wait_for_ping(nic.vm_ns, SERVER_IP)
-    sb.pin_neighbours(nic, SERVER_IP)  # only the test's own frames cross
-    spec = AttachSpec(name=f"iso-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac)
+    sb, nic, spec = quiet_pod(bare_pod, "iso")
     attachments.attach(spec)
     return sb, nic, spec
 

@@ -12,11 +12,10 @@ import pytest
 
 from tcbypass import attachments, tc
 from tcbypass.maps import AttachmentMaps, Direction
-from tcbypass.model import AttachSpec
-from tcbypass.sandbox import ping, sh, wait_for_ping
+from tcbypass.sandbox import ping, sh
 from tests.conftest import run_cli
 
-from .conftest import (assert_one_attachment_or_none, instance_ids, links, loaded_ids, pin_entries, report,
+from .conftest import (quiet_pod, assert_one_attachment_or_none, instance_ids, links, loaded_ids, pin_entries, report,
                        status_rows, wait_until_freed)
 from .traffic import UdpFlow
 
@@ -27,10 +26,7 @@ SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
 
 @pytest.fixture
 def pod(bare_pod):
-    sb, nic = bare_pod
-    assert wait_for_ping(nic.vm_ns, SERVER_IP)
-    sb.pin_neighbours(nic, SERVER_IP)  # only the test's own frames cross
-    spec = AttachSpec(name=f"bh-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac)
+    sb, nic, spec = quiet_pod(bare_pod, "bh")
     return sb, nic, spec
 
 
