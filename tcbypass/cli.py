@@ -312,8 +312,8 @@ def demo(app: App, keep: bool, cleanup: str | None) -> None:
     latency through the bridge, runs `attach`, sends traffic, measures again
     and prints the status table. Touches nothing it did not create.
     """
-    from . import demo as demo_mod
-    from .sandbox import destroy
+    from .lab import demo as demo_mod
+    from .lab.sandbox import destroy
 
     _require_root(app, "demo")
     if cleanup:
@@ -375,7 +375,7 @@ def bench(app: App, quick: bool, reps: int | None, no_peer: bool, json_file: str
       tcbypass bench --quick
       tcbypass bench --json docs/benchmarks.json --plot docs/benchmarks.png
     """
-    from . import bench as benchmark
+    from .lab import bench as benchmark
 
     _require_root(app, "bench")
     if plot_file:

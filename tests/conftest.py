@@ -1,6 +1,6 @@
 """Shared helpers for the root test layers (datapath, integration, vm).
 
-Every object a test creates carries a random tag (see tcbypass.sandbox) and
+Every object a test creates carries a random tag (see tcbypass.lab.sandbox) and
 is removed at teardown, also when the test fails.
 """
 
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tcbypass import attachments, loader
-from tcbypass.sandbox import Sandbox, sh
+from tcbypass.lab.sandbox import Sandbox, sh
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

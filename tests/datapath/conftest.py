@@ -43,7 +43,7 @@ from tcbypass.maps import (
     parse_mac,
     port_entry,
 )
-from tcbypass.sandbox import NETNS_DIR, sh
+from tcbypass.lab.sandbox import NETNS_DIR, sh
 
 from .pktgen import ADDR
 

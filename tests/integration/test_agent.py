@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from tcbypass import attachments, loader, vmi
-from tcbypass.sandbox import ping, sh, wait_for_ping
+from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import pins
 
 SERVER_IP = "10.16.0.2"

@@ -14,8 +14,8 @@ import secrets
 
 import pytest
 
-from tcbypass import bench
-from tcbypass.sandbox import sh
+from tcbypass.lab import bench
+from tcbypass.lab.sandbox import sh
 from tests.conftest import pins, run_cli
 
 QPERF_OUTPUT = """\

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tcbypass.sandbox import sh
+from tcbypass.lab.sandbox import sh
 from tests.conftest import pins, run_cli
 
 

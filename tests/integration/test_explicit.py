@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcbypass.sandbox import ping, sh, tcp_transfer, wait_for_ping
+from tcbypass.lab.sandbox import ping, sh, tcp_transfer, wait_for_ping
 from tests.conftest import pins, run_cli, status_json, tc_state
 
 SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from tcbypass.sandbox import ping, sh, wait_for_ping
+from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import pins, run_cli
 
 SERVER_IP = "10.16.0.2"

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tcbypass.sandbox import mac_of, ping, sh, tcp_transfer, wait_for_ping
+from tcbypass.lab.sandbox import mac_of, ping, sh, tcp_transfer, wait_for_ping
 from tests.conftest import pins, run_cli, tc_state
 
 SERVER_IP = "10.16.0.2"

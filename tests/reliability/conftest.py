@@ -33,7 +33,7 @@ import pytest
 from tcbypass import attachments, bpfsys, loader, maps
 from tcbypass.maps import AttachmentMaps, Direction
 from tcbypass.model import AttachSpec, Record
-from tcbypass.sandbox import VmNic, sh, wait_for_ping
+from tcbypass.lab.sandbox import VmNic, sh, wait_for_ping
 
 
 def require_root() -> None:

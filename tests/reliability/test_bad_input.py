@@ -23,7 +23,7 @@ import pytest
 
 from tcbypass import attachments, bpfsys, loader
 from tcbypass.model import AttachSpec
-from tcbypass.sandbox import ping, sh, wait_for_ping
+from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import run_cli, tc_state
 
 from .conftest import (assert_one_attachment_or_none, assert_one_line_error, explicit_args, mounted_bpffs,

@@ -12,7 +12,7 @@ import pytest
 
 from tcbypass import attachments, tc
 from tcbypass.maps import AttachmentMaps, Direction
-from tcbypass.sandbox import ping, sh
+from tcbypass.lab.sandbox import ping, sh
 from tests.conftest import run_cli
 
 from .conftest import (quiet_pod, assert_one_attachment_or_none, instance_ids, links, loaded_ids, pin_entries, report,

@@ -25,7 +25,7 @@ import pytest
 from tcbypass import attachments, bpfsys, loader, netdev, netns, tc
 from tcbypass.maps import AttachmentMaps, Direction, parse_mac, port_entry
 from tcbypass.model import AttachSpec, pin_id
-from tcbypass.sandbox import sh, wait_for_ping
+from tcbypass.lab.sandbox import sh, wait_for_ping
 
 from .conftest import assert_one_attachment_or_none, report
 from .traffic import PingFlow, Timeline, UdpFlow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcbypass.guest import (GuestError, NicAddress, encode_command, kernel_cmdline, parse_ready_line,
+from tcbypass.lab.guest import (GuestError, NicAddress, encode_command, kernel_cmdline, parse_ready_line,
                             resolve_module_order, udhcpd_config)
 
 MODULES_DEP = """\

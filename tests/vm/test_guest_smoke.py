@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from tcbypass.guest import Guest, start_dhcp_server
-from tcbypass.sandbox import Sandbox
+from tcbypass.lab.guest import Guest, start_dhcp_server
+from tcbypass.lab.sandbox import Sandbox
 
 pytestmark = pytest.mark.root
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from tcbypass import vmi
-from tcbypass.guest import Guest, start_dhcp_server
-from tcbypass.sandbox import sh
+from tcbypass.lab.guest import Guest, start_dhcp_server
+from tcbypass.lab.sandbox import sh
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.root

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import vmi as vmis
-from .model import Status
+from .. import vmi as vmis
+from ..model import Status
 from .sandbox import Sandbox, ping, sh, tcp_transfer
 
 VMI, NAMESPACE = "demo-vm", "demo"

@@ -62,10 +62,10 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
-from . import attachments, bpfsys, loader, netdev, netns, tc
-from .errors import TcbError
-from .maps import TC_ACT_REDIRECT, Direction
-from .model import AttachSpec
+from .. import attachments, bpfsys, loader, netdev, netns, tc
+from ..errors import TcbError
+from ..maps import TC_ACT_REDIRECT, Direction
+from ..model import AttachSpec
 from .sandbox import Sandbox, mac_for, mac_of, sh, wait_for_ping
 
 log = logging.getLogger(__name__)

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from . import netdev
-from .errors import TcbError
+from .. import netdev
+from ..errors import TcbError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class GuestTimeout(GuestError):
 # --- the initramfs -------------------------------------------------------------
 
 INIT_SCRIPT = r"""#!/bin/sh
-# PID 1 of the tcbypass test guest (built by tcbypass/guest.py).
+# PID 1 of the tcbypass test guest (built by tcbypass/lab/guest.py).
 # Kernel parameters read here:
 #   tcb.nics=N                 wait until N ethN devices exist
 #   tcb.ip=DEV:ADDR/LEN[:GW]   static address for DEV instead of DHCP (repeatable)

@@ -1,0 +1,8 @@
+"""The lab: an emulated node on this machine, for the demo, the benchmarks
+and the tests. Nothing here runs on a real node.
+
+sandbox  KubeVirt-like virt-launcher pods on a private Open vSwitch
+guest    a real qemu guest on a pod's tap
+demo     `tcbypass demo`
+bench    `tcbypass bench`
+"""
