@@ -3,27 +3,34 @@
  * tcbypass: carry a KubeVirt VM's own unicast frames past the in-pod bridge.
  *
  * Inside a virt-launcher pod the VM's tap (tap0) and the pod's veth
- * (eth0-nic) are both ports of the Linux bridge k6t-eth0. Two programs,
- * attached with clsact/direct-action to the ingress of each device, hand
- * the VM's unicast frames straight to the other device's egress with
- * bpf_redirect(). Everything else returns TC_ACT_OK and takes the bridge
- * exactly as before: broadcast and multicast (ARP requests, IPv6 ND, RARP),
- * DHCPv4 for the in-pod DHCP server, frames for the bridge itself, frames
- * of other MACs, ethertypes we do not parse, and anything truncated.
- * Nothing is ever dropped here.
+ * (eth0-nic) are both ports of the Linux bridge k6t-eth0. Two programs sit
+ * on the ingress of those devices (a tcx link where the kernel has tcx,
+ * else a clsact direct-action filter):
  *
- * Each attachment (one tap/NIC pair) loads its own instance of this
- * program with its own maps. Ifindexes repeat from one pod's network
- * namespace to the next; because a filter holds one instance and that
- * instance's maps only ever receive its own pod's entries, two pods can
- * never see each other's ifindexes or MACs.
+ *   tcb_from_vm  on the tap: the VM's unicast frames go straight to the host
+ *                side of the pod veth with bpf_redirect_peer(), skipping both
+ *                the bridge and the veth's backlog queue (TCB_F_PEER), or to
+ *                the NIC's egress with bpf_redirect();
+ *   tcb_to_vm    on the NIC: unicast frames for the VM's MAC go to the tap's
+ *                egress with bpf_redirect().
  *
- * Configured at build time with -D (see tcbypass/loader.py):
- *   TCB_MAX_PORTS  entries of tcb_ports (2 live + 2 while a tap is replaced)
- *   TCB_TEST       record the redirect target for BPF_PROG_TEST_RUN checks
- *   TCB_FROM_VM_PEER  from the VM, bpf_redirect_peer() into the NIC's peer
- *                  (the host side) instead of the NIC's egress: skips one
- *                  queue. Measured by `tcbypass bench`; not the default.
+ * Everything else is left to the bridge exactly as before, returned as
+ * TC_ACT_UNSPEC ("continue": TCX_NEXT on tcx), so that programs and filters
+ * behind ours on the same hook still see it: broadcast and multicast (ARP
+ * requests, IPv6 ND, RARP), DHCPv4 for the in-pod DHCP server, frames for
+ * the bridge itself, frames of other MACs, VLAN-tagged frames, ethertypes
+ * we do not parse, anything truncated. Nothing is ever dropped here.
+ *
+ * Each attachment (one tap/NIC pair) runs its own instance of these
+ * programs with its own maps: ifindexes repeat from one pod's network
+ * namespace to the next, and an instance only ever holds its own pod's.
+ *
+ * The hot path touches one config entry and one per-CPU counter line and
+ * makes one map call (the devmap, for the no-blackhole guarantee below).
+ *
+ * Build options (-D, see tcbypass/loader.py):
+ *   TCB_TEST     record each redirect in tcb_test_out for BPF_PROG_TEST_RUN
+ *   TCB_NO_PEER  leave out bpf_redirect_peer() (kernels before 5.10)
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -31,15 +38,10 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
-#include <uapi/linux/udp.h>
-
-#ifndef TCB_MAX_PORTS
-#define TCB_MAX_PORTS 4
-#endif
 
 /* Directions; also the index of the target device in tcb_egress. */
 enum tcb_dir {
-	TCB_DIR_FROM_VM = 0,	/* tap ingress -> NIC egress */
+	TCB_DIR_FROM_VM = 0,	/* tap ingress -> the NIC's host side */
 	TCB_DIR_TO_VM = 1,	/* NIC ingress -> tap egress */
 	TCB_DIR_MAX,
 };
@@ -49,7 +51,7 @@ enum tcb_dir {
  * tests/unit/test_enum_sync.py keeps the two in step.
  */
 enum tcb_reason {
-	TCB_PASS_UNKNOWN_DEV = 0,	/* ingress device not registered for this direction */
+	TCB_PASS_UNKNOWN_DEV = 0,	/* not the device this instance was attached to */
 	TCB_PASS_RUNT = 1,		/* shorter than the headers we must read */
 	TCB_PASS_MULTICAST = 2,	/* group destination: broadcast, ARP request, ND, RARP */
 	TCB_PASS_FOREIGN_MAC = 3,	/* not the VM's MAC (spoofed source, other destination) */
@@ -63,42 +65,46 @@ enum tcb_reason {
 /* Not a pass reason: the frame takes the fast path. */
 #define TCB_REDIRECT TCB_PASS_MAX
 
-/* tcb_port.flags */
+/* tcb_config.flags */
 #define TCB_F_DHCP_TO_BRIDGE	0x1	/* leave DHCPv4 to the in-pod server */
+#define TCB_F_PEER		0x2	/* from the VM: bpf_redirect_peer() into the host side */
 
-/* Value of tcb_ports, keyed by the ingress ifindex. 20 bytes, no holes. */
-struct tcb_port {
+/* The attachment, entry 0 of tcb_config. 28 bytes, no holes. */
+struct tcb_config {
 	__u8 vm_mac[ETH_ALEN];		/* the VM's MAC */
-	__u8 local_mac[ETH_ALEN];	/* the bridge's own MAC */
-	__u32 dir;			/* enum tcb_dir this device's ingress feeds */
-	__u32 flags;			/* TCB_F_* */
+	__u8 bridge_mac[ETH_ALEN];	/* the bridge's own MAC */
+	__u8 host_mac[ETH_ALEN];	/* MAC of the pod veth's host side (TCB_F_PEER) */
+	__u16 flags;			/* TCB_F_* */
+	__u32 tap_ifindex;		/* where tcb_from_vm is attached */
+	__u32 nic_ifindex;		/* where tcb_to_vm is attached */
 };
 
-/* Value of tcb_stats, one per CPU. */
+/*
+ * Value of tcb_stats, one per CPU. The fast path's four counters come
+ * first, so that a redirect writes one cache line.
+ */
 struct tcb_counters {
 	__u64 redirect_packets[TCB_DIR_MAX];
 	__u64 redirect_bytes[TCB_DIR_MAX];
 	__u64 pass_packets[TCB_PASS_MAX];
 };
 
-/* Ingress ifindex -> what to match there (the MAC map). */
-BPF_HASH(tcb_ports, __u32, struct tcb_port, TCB_MAX_PORTS);
+BPF_ARRAY(tcb_config, struct tcb_config, 1);
 /*
- * enum tcb_dir -> egress ifindex (the ifindex map). A devmap: when the
- * target device is unregistered the kernel deletes the entry, so a vanished
- * tap sends traffic back to the bridge at once instead of into nothing.
+ * enum tcb_dir -> egress ifindex. A devmap: when the target device is
+ * unregistered the kernel deletes the entry, so a vanished tap sends
+ * traffic back to the bridge at once instead of into nothing (or into a
+ * device that later takes its ifindex).
  */
 BPF_TABLE("devmap", __u32, __u32, tcb_egress, TCB_DIR_MAX);
 BPF_PERCPU_ARRAY(tcb_stats, struct tcb_counters, 1);
 #ifdef TCB_TEST
-/* Last redirect target, for BPF_PROG_TEST_RUN (which never transmits). */
-BPF_ARRAY(tcb_test_target, __u32, 1);
+/* The last redirect: target ifindex, 1 if by peer, the packet type set. */
+BPF_ARRAY(tcb_test_out, __u32, 3);
 #endif
 
 #define TCB_DHCP_SERVER_PORT	67
 #define TCB_DHCP_CLIENT_PORT	68
-/* Ethernet + the longest IPv4 header + UDP: all tcb_is_dhcp() reads. */
-#define TCB_DHCP_PARSE_LEN	(ETH_HLEN + 60 + sizeof(struct udphdr))
 
 static __always_inline int tcb_mac_eq(const __u8 *a, const __u8 *b)
 {
@@ -110,26 +116,26 @@ static __always_inline int tcb_mac_eq(const __u8 *a, const __u8 *b)
  * Is this IPv4 frame DHCP (UDP port 67 or 68 at either end)?
  * Returns 1 if so, 0 if not, -1 if the headers are truncated.
  * Non-first fragments carry no UDP header and are not DHCP.
+ *
+ * Headers outside the linear area are copied out with bpf_skb_load_bytes(),
+ * never pulled in: pulling would un-clone a TCP segment (a copy of its
+ * whole head) only to read two bytes.
  */
 static __always_inline int tcb_is_dhcp(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct udphdr *udp;
-	struct iphdr *ip;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct iphdr copy;
+	__be16 ports[2];
+	__u8 *l4;
 	__u32 ihl;
 
-	/* Pull the headers into the linear area only when they are not there yet. */
-	if (data + TCB_DHCP_PARSE_LEN > data_end && skb->len > data_end - data) {
-		bpf_skb_pull_data(skb, skb->len < TCB_DHCP_PARSE_LEN ?
-				       skb->len : TCB_DHCP_PARSE_LEN);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
+	if ((void *)(ip + 1) > data_end) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &copy, sizeof(copy)) < 0)
+			return -1;
+		ip = &copy;
 	}
-
-	ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > data_end)
-		return -1;
 	if (ip->protocol != IPPROTO_UDP)
 		return 0;
 	if (ip->frag_off & bpf_htons(0x1fff))	/* fragment offset: not the first */
@@ -137,33 +143,37 @@ static __always_inline int tcb_is_dhcp(struct __sk_buff *skb)
 	ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return -1;
-	udp = (void *)ip + ihl;
-	if ((void *)(udp + 1) > data_end)
-		return -1;
 
-	return udp->source == bpf_htons(TCB_DHCP_SERVER_PORT) ||
-	       udp->source == bpf_htons(TCB_DHCP_CLIENT_PORT) ||
-	       udp->dest == bpf_htons(TCB_DHCP_SERVER_PORT) ||
-	       udp->dest == bpf_htons(TCB_DHCP_CLIENT_PORT);
+	l4 = data + ETH_HLEN + ihl;
+	if ((void *)(l4 + sizeof(ports)) <= data_end) {
+		ports[0] = *(__be16 *)l4;
+		ports[1] = *(__be16 *)(l4 + 2);
+	} else if (bpf_skb_load_bytes(skb, ETH_HLEN + ihl, ports, sizeof(ports)) < 0) {
+		return -1;
+	}
+
+	return ports[0] == bpf_htons(TCB_DHCP_SERVER_PORT) ||
+	       ports[0] == bpf_htons(TCB_DHCP_CLIENT_PORT) ||
+	       ports[1] == bpf_htons(TCB_DHCP_SERVER_PORT) ||
+	       ports[1] == bpf_htons(TCB_DHCP_CLIENT_PORT);
 }
 
 /*
  * Decide one frame: TCB_REDIRECT with *target set, or the reason to leave
- * it to the bridge. Reads only; never changes the frame.
+ * it to the bridge. Reads only.
  */
-static __always_inline __u32 tcb_classify(struct __sk_buff *skb, __u32 dir,
-					  __u32 *target)
+static __always_inline __u32 tcb_classify(struct __sk_buff *skb, const struct tcb_config *cfg,
+					  const __u32 dir, __u32 *target)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	struct tcb_port *port;
-	__u32 ifindex = skb->ifindex;
+	__u32 dev = dir == TCB_DIR_FROM_VM ? cfg->tap_ifindex : cfg->nic_ifindex;
 	__u32 *egress;
+	__u32 key = dir;
 	int dhcp;
 
-	port = tcb_ports.lookup(&ifindex);
-	if (!port || port->dir != dir)
+	if (skb->ifindex != dev)
 		return TCB_PASS_UNKNOWN_DEV;
 	if ((void *)(eth + 1) > data_end)
 		return TCB_PASS_RUNT;
@@ -175,17 +185,17 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, __u32 dir,
 		return TCB_PASS_ETHERTYPE;
 
 	if (dir == TCB_DIR_FROM_VM) {
-		if (!tcb_mac_eq(eth->h_source, port->vm_mac))
+		if (!tcb_mac_eq(eth->h_source, cfg->vm_mac))
 			return TCB_PASS_FOREIGN_MAC;
-		if (tcb_mac_eq(eth->h_dest, port->local_mac))
+		if (tcb_mac_eq(eth->h_dest, cfg->bridge_mac))
 			return TCB_PASS_LOCAL;
-	} else if (!tcb_mac_eq(eth->h_dest, port->vm_mac)) {
+	} else if (!tcb_mac_eq(eth->h_dest, cfg->vm_mac)) {
 		return TCB_PASS_FOREIGN_MAC;
 	}
 
 	switch (bpf_ntohs(eth->h_proto)) {
 	case ETH_P_IP:
-		if (!(port->flags & TCB_F_DHCP_TO_BRIDGE))
+		if (!(cfg->flags & TCB_F_DHCP_TO_BRIDGE))
 			break;
 		dhcp = tcb_is_dhcp(skb);
 		if (dhcp < 0)
@@ -200,51 +210,78 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, __u32 dir,
 		return TCB_PASS_ETHERTYPE;
 	}
 
-	egress = tcb_egress.lookup(&dir);
+	egress = tcb_egress.lookup(&key);
 	if (!egress)
 		return TCB_PASS_NO_TARGET;
 	*target = *egress;
 	return TCB_REDIRECT;
 }
 
-/* Count the verdict and carry it out. The only exit of both programs. */
-static __always_inline int tcb_handle(struct __sk_buff *skb, __u32 dir)
+/*
+ * Hand a frame from the VM to the host side of the pod veth. The frame
+ * skips that side's receive path, where eth_type_trans() would have set
+ * its packet type: set it here the same way (for the host side's own MAC
+ * PACKET_HOST, else PACKET_OTHERHOST), or the host's stack would drop a
+ * frame meant for it as classified on the tap.
+ */
+static __always_inline int tcb_redirect_peer(struct __sk_buff *skb, const struct tcb_config *cfg,
+					     __u32 target, __u32 *pkt_type)
 {
-	struct tcb_counters *counters;
-	__u32 zero = 0, target = 0, len = skb->len;
-	__u32 verdict;
-	int ret = TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
 
-	verdict = tcb_classify(skb, dir, &target);
+	*pkt_type = PACKET_OTHERHOST;
+	if ((void *)(eth + 1) <= data_end && tcb_mac_eq(eth->h_dest, cfg->host_mac))
+		*pkt_type = PACKET_HOST;
+	if (skb->pkt_type != *pkt_type)
+		bpf_skb_change_type(skb, *pkt_type);
+	return bpf_redirect_peer(target, 0);
+}
+
+/* Count the verdict and carry it out. The only exit of both programs. */
+static __always_inline int tcb_handle(struct __sk_buff *skb, const __u32 dir)
+{
+	__u32 zero = 0, target = 0, len = skb->len, verdict = TCB_PASS_UNKNOWN_DEV;
+	__u32 peer = 0, pkt_type = 0;
+	struct tcb_counters *counters;
+	struct tcb_config *cfg;
+	int ret = TC_ACT_UNSPEC;
+
+	cfg = tcb_config.lookup(&zero);
+	if (cfg)
+		verdict = tcb_classify(skb, cfg, dir, &target);
 	counters = tcb_stats.lookup(&zero);
 
-	if (verdict == TCB_REDIRECT) {
+	if (verdict == TCB_REDIRECT && cfg) {
 		if (counters) {
-			counters->redirect_packets[dir & 1]++;
-			counters->redirect_bytes[dir & 1] += len;
+			counters->redirect_packets[dir] += 1;
+			counters->redirect_bytes[dir] += len;
 		}
-#ifdef TCB_TEST
-		tcb_test_target.update(&zero, &target);
-#endif
-#ifdef TCB_FROM_VM_PEER
-		if (dir == TCB_DIR_FROM_VM) {
-			/* The frame was classified on the tap as for another host;
-			 * before 6.15 redirect_peer keeps that, and the host side
-			 * would drop it if it ends up in its own stack. */
-			bpf_skb_change_type(skb, PACKET_HOST);
-			ret = bpf_redirect_peer(target, 0);
+#ifndef TCB_NO_PEER
+		if (dir == TCB_DIR_FROM_VM && (cfg->flags & TCB_F_PEER)) {
+			peer = 1;
+			ret = tcb_redirect_peer(skb, cfg, target, &pkt_type);
 		} else
 #endif
 			ret = bpf_redirect(target, 0);
+#ifdef TCB_TEST
+		__u32 slot = 0;
+		tcb_test_out.update(&slot, &target);
+		slot = 1;
+		tcb_test_out.update(&slot, &peer);
+		slot = 2;
+		tcb_test_out.update(&slot, &pkt_type);
+#endif
 	} else if (counters && verdict < TCB_PASS_MAX) {
-		counters->pass_packets[verdict]++;
+		counters->pass_packets[verdict] += 1;
 	}
 	return ret;
 }
 
 /*
- * Attached to the ingress of the VM's tap: frames the VM sent. The VM's own
- * unicast frames go to the pod NIC's egress, and on to OVS.
+ * On the ingress of the VM's tap: frames the VM sent. The VM's own unicast
+ * frames go to the pod veth's host side (or the NIC's egress), and on to OVS.
  */
 int tcb_from_vm(struct __sk_buff *skb)
 {
@@ -252,8 +289,8 @@ int tcb_from_vm(struct __sk_buff *skb)
 }
 
 /*
- * Attached to the ingress of the pod NIC (eth0-nic): frames OVS sent into
- * the pod. Unicast frames for the VM's MAC go to the tap's egress.
+ * On the ingress of the pod NIC (eth0-nic): frames OVS sent into the pod.
+ * Unicast frames for the VM's MAC go to the tap's egress.
  */
 int tcb_to_vm(struct __sk_buff *skb)
 {

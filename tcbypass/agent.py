@@ -26,12 +26,10 @@ import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
-from . import attachments, loader, netns, ovsdb
+from . import attachments, netns, ovsdb
 from .errors import NetnsError, NotBypassableError, OvsdbError, TcbError, UnknownVmiError
 from .vmi import Settings, attach_vmi, detach_vmi
 
@@ -63,10 +61,8 @@ def _link_events_socket(path: str) -> socket.socket:
 
 
 class Agent:
-    def __init__(self, settings: Settings, detach_on_exit: bool = False, debounce: float = DEBOUNCE,
-                 spares: int = 1):
+    def __init__(self, settings: Settings, detach_on_exit: bool = False, debounce: float = DEBOUNCE):
         self.settings = settings
-        self.spares = spares
         self.detach_on_exit = detach_on_exit
         self.debounce = debounce
         self.stats = AgentStats()
@@ -77,7 +73,6 @@ class Agent:
         self._retry_at: dict[tuple[str, str], float] = {}
         self._backoff: dict[tuple[str, str], float] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._spare_proc: subprocess.Popen | None = None
 
     # --- lifecycle -------------------------------------------------------------
     def stop(self, *_args) -> None:
@@ -112,32 +107,10 @@ class Agent:
     def _sleep(self, seconds: float) -> None:
         select.select([self._wake_r], [], [], seconds)
 
-    def _refill_spare(self) -> None:
-        """Keep `spares` precompiled instances so that a new VM attaches in milliseconds.
-
-        The compile runs in a child process, so events are still served meanwhile.
-        """
-        if self._spare_proc is not None:
-            if self._spare_proc.poll() is None:
-                return
-            if self._spare_proc.returncode != 0:
-                log.warning("cannot precompile a spare instance (exit %s); attaches will compile on demand",
-                            self._spare_proc.returncode)
-                self.spares = 0
-            self._spare_proc = None
-        if self.spares and loader.spare_count() < self.spares:
-            self._spare_proc = subprocess.Popen(
-                [sys.executable, "-c", "from tcbypass import loader; loader.make_spare()"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
     def _shutdown(self) -> None:
         for sock in self._watch.values():
             sock.close()
         self._watch.clear()
-        if self._spare_proc is not None:
-            self._spare_proc.wait()
-        with contextlib.suppress(TcbError):
-            loader.remove_spares()
         if self.detach_on_exit:
             for name in self.managed():
                 with contextlib.suppress(TcbError):
@@ -173,10 +146,7 @@ class Agent:
 
         while not self._stop:
             self._reconcile_due()
-            self._refill_spare()
             timeout = self._next_deadline()
-            if self._spare_proc is not None:
-                timeout = 0.1 if timeout is None else min(timeout, 0.1)
             readers = [conn.fileno(), self._wake_r, *self._watch.values()]
             ready, _, _ = select.select(readers, [], [], timeout)
             for fd in ready:

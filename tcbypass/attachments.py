@@ -23,14 +23,15 @@ import signal
 import time
 from typing import Iterator
 
-from . import bpfsys, loader, netdev, netns, tc
-from .errors import BpfError, BusyError, DeviceError, TcbError
-from .maps import F_DHCP_TO_BRIDGE, AttachmentMaps, Counters, Direction, parse_mac, port_entry
+from . import build, features, loader, netdev, netns, tc, tcx
+from .errors import BpfError, BusyError, DeviceError, InputError, TcbError
+from .maps import F_DHCP_TO_BRIDGE, F_PEER, META, AttachmentMaps, Counters, Direction, config_entry, parse_mac
 from .model import (STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, AttachResult, AttachSpec, Record, Status,
                     name_of_pin, pin_id)
 
 log = logging.getLogger(__name__)
 
+ENV_HOOK = "TCBYPASS_HOOK"  # tcx or clsact instead of the best the kernel has
 LOCK_DIR = "/run/tcbypass/locks"
 LOCK_TIMEOUT = 30.0
 STAGING = "@staging"
@@ -91,7 +92,7 @@ def read_record(pin_dir: str) -> Record | None:
     if not os.path.isdir(pin_dir):
         return None
     try:
-        with AttachmentMaps(pin_dir, readonly=True) as maps:
+        with AttachmentMaps(pin_dir, readonly=True, only=(META,)) as maps:
             data = maps.read_record()
     except BpfError:
         return None
@@ -118,35 +119,71 @@ def _devices(links: dict[str, netdev.Link], spec: AttachSpec) -> tuple[netdev.Li
     return tap, nic, bridge
 
 
-def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> AttachResult:
+def choose_hook(requested: str, found: features.Features) -> str:
+    """tcx where the kernel has it, clsact otherwise; or what was asked for, if it can be had."""
+    hook = requested or os.environ.get(ENV_HOOK, "") or found.best_hook
+    if hook not in features.HOOKS:
+        raise InputError(f"unknown hook {hook!r}", hint=f"use one of: {', '.join(features.HOOKS)}")
+    if hook == features.HOOK_TCX and not found.tcx:
+        raise InputError("this kernel has no tcx (it came with Linux 6.6)",
+                         hint="use --hook clsact, or leave --hook out to pick the best hook by itself")
+    return hook
+
+
+def choose_mode(requested: str, nic: netdev.Link, host: netdev.Link | None, found: features.Features) -> bool:
+    """Whether frames from the VM go by bpf_redirect_peer() straight into the
+    host side of the pod veth. Yes wherever that works; asked for explicitly
+    and impossible is an error, left to us it falls back to bpf_redirect()."""
+    if requested not in ("", features.MODE_PEER, features.MODE_REDIRECT):
+        raise InputError(f"unknown from-VM mode {requested!r}", hint="use peer or redirect")
+    if requested == features.MODE_REDIRECT:
+        return False
+    why = ""
+    if not found.redirect_peer:
+        why = "this kernel has no bpf_redirect_peer() (it came with Linux 5.10)"
+    elif nic.kind != "veth":
+        why = f"the pod NIC {nic.name} is a {nic.kind or 'plain'} device, not a veth"
+    elif host is None:
+        why = f"the host side of {nic.name} cannot be found in another namespace"
+    if not why:
+        return True
+    if requested == features.MODE_PEER:
+        raise DeviceError(f"cannot hand frames to the host side by peer: {why}",
+                          hint="attach with --from-vm redirect (or leave the mode out to fall back by itself)")
+    log.info("%s: frames from the VM take bpf_redirect(): %s", nic.name, why)
+    return False
+
+
+def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
     """Attach (or refresh) the fast path for one tap/NIC pair. Idempotent.
 
-    `test_build` selects the test build; `peer` (or spec.redirect_peer) the
-    bpf_redirect_peer() build for the from-VM direction.
+    `test_build` selects the TCB_TEST build (the datapath tests' recorder).
     """
-    peer = peer or spec.redirect_peer
     started = time.monotonic()
     vm_mac = parse_mac(spec.mac)
     pin_dir = pin_dir_of(spec.name)
     loader.bpffs_ready()
+    found = features.probe()
+    hook = choose_hook(spec.hook, found)
+    which = build.Build(test=test_build, no_peer=not found.redirect_peer)
     with locked(spec.name):
         ref = netns.resolve(spec.netns)
         with netdev.open_netns(ref.path) as ipr:
             tap, nic, bridge = _devices(netdev.list_links(ipr), spec)
-            if peer and nic.kind != "veth":
-                raise DeviceError(f"--redirect-peer needs a veth pod NIC; {nic.name} is a {nic.kind or 'plain'} "
-                                  "device", hint="attach without --redirect-peer")
+            host = netdev.host_side(ipr, nic)
+            peer = choose_mode(spec.from_vm, nic, host, found)
             old = read_record(pin_dir)
             if old is None and os.path.isdir(pin_dir):
                 log.info("%s: clearing an incomplete earlier attach", spec.name)
+                _teardown(ipr, pin_dir, None)
                 loader.remove_pins(pin_dir)
             want = Record(
                 name=spec.name, netns=ref.path, netns_id=ref.identity,
                 tap=tap.name, tap_ifindex=tap.index, nic=nic.name, nic_ifindex=nic.index,
                 bridge=bridge.name, bridge_mac=bridge.mac, mac=spec.mac.lower(), dhcp_to_bridge=spec.dhcp_to_bridge,
-                digest=loader.digest(test_build, peer),
+                digest=build.key(which),
                 vmi=spec.vmi, namespace=spec.namespace, iface_id=spec.iface_id, managed_by=spec.managed_by,
-                redirect_peer=peer,
+                redirect_peer=peer, host_mac=host.mac if host else "", hook=hook,
                 attached_at=old.attached_at if old else time.time(),
             )
             if old and old.complete and old.same_wiring(want) and not _problems(ipr, old, pin_dir):
@@ -156,19 +193,23 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
             work_dir = pin_dir + STAGING if (old and fresh) else pin_dir
             if fresh:
                 loader.remove_pins(work_dir)
-                if not loader.claim_spare(work_dir, test_build, peer):
-                    loader.compile_and_pin(work_dir, test=test_build, peer=peer)
+                loader.load_and_pin(work_dir, which)
+                if work_dir != pin_dir:
+                    tcx.move(pin_dir, work_dir)  # the live links: swapped to the new programs in place
             try:
-                record = _program(ipr, ref, work_dir, want, vm_mac, tap, nic)
+                record = _program(ipr, ref, work_dir, want, vm_mac, old)
                 for gone in {old.tap_ifindex, old.nic_ifindex} - {tap.index, nic.index} if old else ():
                     tc.forget_clsact(old.netns_id, gone)  # the old tap went, and its qdisc with it
                 if work_dir != pin_dir:
                     loader.remove_pins(pin_dir)
                     os.rename(work_dir, pin_dir)
+                _forget_legacy(ipr, spec.name)
             except BaseException:
                 log.warning("%s: attach failed; restoring the bridge path", spec.name)
                 with contextlib.suppress(Exception):
-                    _teardown(ipr, read_record(work_dir) or want, remove_qdisc=True)
+                    _teardown(ipr, work_dir, read_record(work_dir) or want, remove_qdisc=True)
+                with contextlib.suppress(Exception):
+                    _teardown(ipr, pin_dir, None)
                 with contextlib.suppress(Exception):
                     loader.remove_pins(work_dir)
                 with contextlib.suppress(Exception):
@@ -180,36 +221,43 @@ def attach(spec: AttachSpec, test_build: bool = False, peer: bool = False) -> At
         action = "replaced"
     else:
         action = "refreshed"
-    log.info("%s: %s (%s -> %s, %s)", spec.name, action, tap.name, nic.name, spec.mac)
+    log.info("%s: %s (%s -> %s, %s, %s, from the VM by %s)", spec.name, action, tap.name, nic.name, spec.mac,
+             hook, record.mode)
     return AttachResult(record, action, time.monotonic() - started)
 
 
-def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: bytes,
-             tap: netdev.Link, nic: netdev.Link) -> Record:
+def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: bytes, old: Record | None) -> Record:
     """Fill the maps, then hook the programs in; the record is marked complete last."""
-    flags = F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0
-    local_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)
+    flags = (F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0) | (F_PEER if want.redirect_peer else 0)
+    bridge_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)
+    host_mac = parse_mac(want.host_mac) if want.host_mac else bytes(6)
     with AttachmentMaps(work_dir) as maps, loader.open_programs(work_dir) as progs:
         maps.write_record(want.to_json())  # from here on an interrupted attach can be cleaned up
-        for ifindex in maps.port_ifindexes():
-            if ifindex not in (tap.index, nic.index):
-                maps.drop_port(ifindex)  # the devices of an earlier VM run, first: the map is bounded
-        maps.set_port(tap.index, port_entry(vm_mac, local_mac, Direction.FROM_VM, flags))
-        maps.set_port(nic.index, port_entry(vm_mac, local_mac, Direction.TO_VM, flags))
+        maps.set_config(config_entry(vm_mac, bridge_mac, host_mac, flags, want.tap_ifindex, want.nic_ifindex))
         failpoint("maps-filled")
 
         def point_targets() -> None:  # devmap ifindexes resolve in the writer's namespace
-            maps.set_target(Direction.FROM_VM, nic.index)
-            maps.set_target(Direction.TO_VM, tap.index)
+            maps.set_target(Direction.FROM_VM, want.nic_ifindex)
+            maps.set_target(Direction.TO_VM, want.tap_ifindex)
 
         netns.run_in(ref.path, point_targets)
-
-        tc.ensure_clsact(ipr, tap.index, want.netns_id)
-        tc.ensure_clsact(ipr, nic.index, want.netns_id)
-        names = _filter_names(want.name, progs)
-        tc.set_filter(ipr, tap.index, progs.from_vm, names[0])
-        failpoint("tap-filter-set")
-        tc.set_filter(ipr, nic.index, progs.to_vm, names[1])
+        hooks = ((Direction.FROM_VM, want.tap_ifindex, progs.from_vm), (Direction.TO_VM, want.nic_ifindex, progs.to_vm))
+        if want.hook == features.HOOK_TCX:
+            for direction, ifindex, prog in hooks:
+                tcx.ensure(work_dir, direction, ref.path, ifindex, prog)
+                failpoint("tap-hooked")
+            # Our tcx links run before any clsact filter: only now take off the
+            # filters an earlier clsact attachment left (this version's or an older one's).
+            for _, ifindex, _ in hooks:
+                tc.remove_filter(ipr, ifindex)
+        else:
+            names = _filter_names(want.name, progs)
+            for (direction, ifindex, prog), name in zip(hooks, names):
+                tc.ensure_clsact(ipr, ifindex, want.netns_id)
+                tc.set_filter(ipr, ifindex, prog, name)
+                failpoint("tap-hooked")
+            for direction in Direction:  # a switch from tcx: the filters are in, now the links go
+                tcx.remove(work_dir, direction)
         record = dataclasses.replace(want, complete=True)
         maps.write_record(record.to_json())
     return record
@@ -217,15 +265,20 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: byte
 
 def _filter_names(name: str, progs: loader.Programs) -> tuple[str, str]:
     """The names our filters on the tap and the NIC carry for these programs."""
-    return (tc.filter_name(pin_id(name), "from_vm", bpfsys.prog_info(progs.from_vm).id),
-            tc.filter_name(pin_id(name), "to_vm", bpfsys.prog_info(progs.to_vm).id))
+    from_id, to_id = progs.ids()
+    return (tc.filter_name(pin_id(name), "from_vm", from_id), tc.filter_name(pin_id(name), "to_vm", to_id))
 
 
 # --- detach -------------------------------------------------------------
 
-def _teardown(ipr, record: Record, remove_qdisc: bool = False) -> None:
-    """Remove our filters from the devices that are still there; with
-    `remove_qdisc`, also a clsact we added that nothing else uses."""
+def _teardown(ipr, pin_dir: str, record: Record | None, remove_qdisc: bool = False) -> None:
+    """Take our hooks off: the tcx links pinned in `pin_dir` (live or defunct)
+    and, on the record's devices that are still there, our clsact filters;
+    with `remove_qdisc`, also a clsact we added that nothing else uses."""
+    for direction in Direction:
+        tcx.remove(pin_dir, direction)
+    if record is None:
+        return
     links = {link.index: link for link in netdev.list_links(ipr).values()}
     for ifindex, name in ((record.tap_ifindex, record.tap), (record.nic_ifindex, record.nic)):
         link = links.get(ifindex)
@@ -249,32 +302,56 @@ def detach(name: str, remove_qdisc: bool = False) -> Record | None:
 
 def _detach_locked(name: str, remove_qdisc: bool) -> Record | None:
     pin_dir = pin_dir_of(name)
-    record = read_record(pin_dir) or read_record(pin_dir + STAGING)
-    if record is not None and netns.identity_of(record.netns) == record.netns_id:
-        with netdev.open_netns(record.netns) as ipr:
-            _teardown(ipr, record, remove_qdisc)
-    elif record is not None:  # the pod is gone, and its devices and qdiscs with it
-        tc.forget_clsact(record.netns_id, record.tap_ifindex)
-        tc.forget_clsact(record.netns_id, record.nic_ifindex)
-    loader.remove_pins(pin_dir + STAGING)
-    existed = record is not None or os.path.isdir(pin_dir)
-    loader.remove_pins(pin_dir)
+    legacy = _legacy_dir(name)
+    records = [(d, read_record(d)) for d in (pin_dir, pin_dir + STAGING, legacy)]
+    found = next((r for _, r in records if r is not None), None)
+    for directory, record in records:
+        if record is not None and netns.identity_of(record.netns) == record.netns_id:
+            with netdev.open_netns(record.netns) as ipr:
+                _teardown(ipr, directory, record, remove_qdisc)
+        else:  # the pod is gone, and its devices and qdiscs with it
+            for direction in Direction:
+                tcx.remove(directory, direction)
+            if record is not None:
+                tc.forget_clsact(record.netns_id, record.tap_ifindex)
+                tc.forget_clsact(record.netns_id, record.nic_ifindex)
+    existed = found is not None or any(os.path.isdir(d) for d, _ in records)
+    for directory, _ in records:
+        loader.remove_pins(directory)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_lock_path(name))  # still held: see locked()
     if existed:
         log.info("%s: detached", name)
-    return record
+    return found
+
+
+# --- pins of older tcbypass versions -------------------------------------------
+
+def _legacy_dir(name: str) -> str:
+    return f"{loader.LEGACY_ROOTS[0]}/{pin_id(name)}"
+
+
+def _forget_legacy(ipr, name: str) -> None:
+    """After an attach replaced what an older tcbypass attached (its clsact
+    filters carry the same priority, handle and name prefix as ours, so they
+    were swapped or taken off on the way), drop its pins."""
+    legacy = _legacy_dir(name)
+    if os.path.isdir(legacy):
+        loader.remove_pins(legacy)
+        log.info("%s: upgraded from an older tcbypass (pins in %s removed)", name, legacy)
 
 
 # --- status -------------------------------------------------------------
 
 def names() -> list[str]:
-    """Names of all attachments pinned on this node."""
-    try:
-        entries = sorted(os.listdir(loader.PIN_ROOT))
-    except FileNotFoundError:
-        return []
-    return [name_of_pin(e) for e in entries if "@" not in e]  # not staging dirs, not spares
+    """Names of all attachments pinned on this node (by this version or an older one)."""
+    found = set()
+    for root in (loader.PIN_ROOT, *loader.LEGACY_ROOTS):
+        try:
+            found.update(name_of_pin(e) for e in os.listdir(root) if "@" not in e)  # not staging dirs
+        except FileNotFoundError:
+            continue
+    return sorted(found)
 
 
 def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
@@ -285,22 +362,39 @@ def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
     links = netdev.list_links(ipr)
     try:
         with loader.open_programs(pin_dir) as progs:
-            expected = _filter_names(record.name, progs)
+            prog_ids = progs.ids()
+            filter_names = _filter_names(record.name, progs)
     except (BpfError, OSError):
-        expected = ("", "")
+        prog_ids, filter_names = (0, 0), ("", "")
         problems.append("the pinned programs cannot be opened")
-    for role, name, ifindex, want in (("tap", record.tap, record.tap_ifindex, expected[0]),
-                                      ("nic", record.nic, record.nic_ifindex, expected[1])):
+    devices = (("tap", record.tap, record.tap_ifindex, Direction.FROM_VM),
+               ("nic", record.nic, record.nic_ifindex, Direction.TO_VM))
+    for role, name, ifindex, direction in devices:
         link = links.get(name)
-        ours = tc.our_filter(ipr, ifindex) if link is not None and link.index == ifindex else None
         if link is None:
             problems.append(f"{role} {name} is gone")
         elif link.index != ifindex:
             problems.append(f"{role} {name} is now ifindex {link.index} (was {ifindex})")
-        elif ours is None:
-            problems.append(f"our filter is missing on {name}")
-        elif want and ours.name != want:
-            problems.append(f"our filter on {name} runs another program instance")
+        if record.hook == features.HOOK_TCX:
+            try:
+                ours = tcx.read(pin_dir, direction)
+            except OSError as exc:
+                problems.append(f"our tcx link on {name} cannot be read ({exc.strerror})")
+                continue
+            if ours is None:
+                problems.append(f"our tcx link on {name} is missing")
+            elif ours.defunct:
+                problems.append(f"our tcx link on {name} is defunct (its device was deleted)")
+            elif ours.ifindex != ifindex:
+                problems.append(f"our tcx link for {name} sits on ifindex {ours.ifindex}")
+            elif prog_ids[direction] and ours.prog_id != prog_ids[direction]:
+                problems.append(f"our tcx link on {name} runs another program instance")
+        elif link is not None and link.index == ifindex:
+            ours_filter = tc.our_filter(ipr, ifindex)
+            if ours_filter is None:
+                problems.append(f"our filter is missing on {name}")
+            elif filter_names[direction] and ours_filter.name != filter_names[direction]:
+                problems.append(f"our filter on {name} runs another program instance")
     with AttachmentMaps(pin_dir, readonly=True) as maps:
         if maps.target(Direction.FROM_VM) != record.nic_ifindex:
             problems.append("no fast-path target towards the NIC")
@@ -312,12 +406,18 @@ def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
 def status_of(name: str) -> Status | None:
     pin_dir = pin_dir_of(name)
     record = read_record(pin_dir)
-    if record is None:
-        if not os.path.isdir(pin_dir):
+    if record is None and not os.path.isdir(pin_dir):
+        legacy = read_record(_legacy_dir(name))
+        if legacy is not None:
+            state = STATE_STALE if netns.identity_of(legacy.netns) == legacy.netns_id else STATE_ORPHANED
+            return Status(legacy, state, ("attached by an older tcbypass (pins in "
+                                          f"{loader.LEGACY_ROOTS[0]}); attach it again to upgrade in place",))
+        if not os.path.isdir(_legacy_dir(name)):
             return None
+    if record is None:
         # Pins without a readable record: an interrupted attach, or another build's layout.
         placeholder = Record(name=name, netns="?", netns_id="", tap="?", tap_ifindex=0, nic="?", nic_ifindex=0,
-                             bridge="", bridge_mac="", mac="?", dhcp_to_bridge=True, digest="")
+                             bridge="", bridge_mac="", mac="?", dhcp_to_bridge=True, digest="", hook="?")
         return Status(placeholder, STATE_ORPHANED, ("unreadable pins (an interrupted attach or a foreign "
                                                     "version); 'tcbypass gc' removes them",))
     try:
@@ -351,30 +451,33 @@ def _leftover(status: Status) -> bool:
     incomplete record means that attach died.)"""
     return status.state == STATE_ORPHANED or not status.record.complete
 
+def _defunct_links(name: str) -> list[Direction]:
+    pin_dir = pin_dir_of(name)
+    defunct = []
+    for direction in Direction:
+        with contextlib.suppress(OSError):
+            if (link := tcx.read(pin_dir, direction)) is not None and link.defunct:
+                defunct.append(direction)
+    return defunct
+
+
 def gc() -> list[str]:
     """Remove what no live attachment needs: attachments whose pod is gone,
-    unreadable pins, staging and half-built directories left by a killed
-    process. Live attachments (even stale ones) are left alone."""
+    unreadable pins, staging directories left by a killed process, tcx links
+    whose device was deleted (the tap of a VM that restarted; attach or the
+    agent hooks the new one). Live attachments, even stale ones, stay."""
     loader.bpffs_ready()
     removed = []
-    try:
-        entries = sorted(os.listdir(loader.PIN_ROOT))
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        if entry.startswith(loader.SPARE_PREFIX):
-            continue  # complete spares belong to a running agent
-        if entry.startswith("@building-"):
-            pid = entry.split("-")[1]
-            if not os.path.exists(f"/proc/{pid}"):
-                loader.remove_pins(f"{loader.PIN_ROOT}/{entry}")
-                removed.append(entry)
-            continue
+    entries = []
+    for root in (loader.PIN_ROOT, *loader.LEGACY_ROOTS):
+        with contextlib.suppress(FileNotFoundError):
+            entries += [(root, e) for e in sorted(os.listdir(root))]
+    for root, entry in entries:
         name = name_of_pin(entry.removesuffix(STAGING))
         try:
             if entry.endswith(STAGING):
                 with locked(name, timeout=0.5):  # held while an attach is under way
-                    loader.remove_pins(f"{loader.PIN_ROOT}/{entry}")
+                    loader.remove_pins(f"{root}/{entry}")
                 removed.append(entry)
             elif (status := status_of(name)) is not None and _leftover(status):
                 with locked(name, timeout=0.5):
@@ -383,6 +486,11 @@ def gc() -> list[str]:
                     if status is not None and _leftover(status):
                         _detach_locked(name, remove_qdisc=False)
                         removed.append(name)
+            elif root == loader.PIN_ROOT and _defunct_links(name):
+                with locked(name, timeout=0.5):
+                    for direction in _defunct_links(name):
+                        tcx.remove(pin_dir_of(name), direction)
+                        removed.append(f"{name}: defunct tcx link ({direction.name.lower()})")
         except BusyError:
             continue  # someone is working on it right now
     if tc.forget_dead_owners(netns.live_identities()):

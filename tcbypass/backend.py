@@ -24,8 +24,8 @@ class NodeBackend:
         return attachments.attach(spec)
 
     def attach_vmi(self, name: str, namespace: str, settings: vmi.Settings, dhcp_to_bridge: bool,
-                   redirect_peer: bool = False) -> vmi.VmiResult:
-        return vmi.attach_vmi(name, namespace, settings, dhcp_to_bridge, redirect_peer=redirect_peer)
+                   hook: str = "", from_vm: str = "") -> vmi.VmiResult:
+        return vmi.attach_vmi(name, namespace, settings, dhcp_to_bridge, hook=hook, from_vm=from_vm)
 
     def detach(self, target: str, namespace: str, remove_qdisc: bool = False) -> list[Record]:
         return vmi.detach_target(target, namespace, remove_qdisc)

@@ -96,10 +96,16 @@ _namespace_option = click.option("-n", "--namespace", default=DEFAULT_NAMESPACE,
 @_ovs_netns_option
 @click.option("--no-dhcp-passthrough", is_flag=True,
               help="Fast-path DHCPv4 too (managedTap: OVN answers DHCP, no server on the bridge).")
-@click.option("--redirect-peer", is_flag=True,
-              help="Experimental: from the VM, hand frames straight to the host side of the pod's veth "
-                   "(bpf_redirect_peer), skipping one queue (see docs/benchmarks.md). Needs a veth pod NIC; "
-                   "proven with OVS's userspace datapath only.")
+@click.option("--hook", type=click.Choice(["auto", "tcx", "clsact"]), default="auto", show_default=True,
+              envvar="TCBYPASS_HOOK",
+              help="Where the programs hook in: tcx links (Linux 6.6+: no qdisc, no packet lost while "
+                   "attaching, cheapest per packet) or a clsact filter (older kernels). auto takes tcx where "
+                   "the kernel has it. $TCBYPASS_HOOK.")
+@click.option("--from-vm", "from_vm", type=click.Choice(["auto", "peer", "redirect"]), default="auto",
+              show_default=True,
+              help="How frames from the VM leave: peer hands them straight to the host side of the pod's "
+                   "veth (bpf_redirect_peer: skips the veth's queue too), redirect to the pod NIC's egress. "
+                   "auto takes peer wherever it works (a veth pod NIC, Linux 5.10+).")
 @click.option("--netns", metavar="NS", help="Explicit mode: pod network namespace, a name under /var/run/netns "
               "or a path such as /proc/PID/ns/net.")
 @click.option("--tap", metavar="TAP", help="Explicit mode: the VM's tap inside NS (tap0).")
@@ -108,7 +114,7 @@ _namespace_option = click.option("-n", "--namespace", default=DEFAULT_NAMESPACE,
 @click.option("--name", metavar="NAME", help="Explicit mode: name of the attachment (default: NS-TAP).")
 @click.pass_obj
 def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs_netns: str | None,
-           no_dhcp_passthrough: bool, redirect_peer: bool, netns: str | None, tap: str | None, nic: str | None,
+           no_dhcp_passthrough: bool, hook: str, from_vm: str, netns: str | None, tap: str | None, nic: str | None,
            mac: str | None, name: str | None) -> None:
     """Bypass the in-pod bridge for VMI's bridge-bound NICs.
 
@@ -138,13 +144,14 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
         if missing:
             raise click.UsageError(f"explicit attach also needs {', '.join(missing)}")
     _require_root(app, "attach")
+    hook, from_vm = ("" if hook == "auto" else hook), ("" if from_vm == "auto" else from_vm)
     if not vmi:
         spec = AttachSpec(name=name or _default_name(netns, tap), netns=netns, tap=tap, nic=nic, mac=mac,
-                          dhcp_to_bridge=not no_dhcp_passthrough, redirect_peer=redirect_peer)
+                          dhcp_to_bridge=not no_dhcp_passthrough, hook=hook, from_vm=from_vm)
         _print_result(app, "", _run(app, app.backend.attach_explicit, spec))
         return
     result = _run(app, app.backend.attach_vmi, vmi, namespace, _settings(ovsdb_url, ovs_netns),
-                  not no_dhcp_passthrough, redirect_peer)
+                  not no_dhcp_passthrough, hook, from_vm)
     for done in result.attached:
         _print_result(app, f"{namespace}/{vmi} ", done)
     for plan in result.skipped:
@@ -157,8 +164,8 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
 
 def _print_result(app: App, prefix: str, result) -> None:
     r = result.record
-    app.console.print(f"{prefix}{r.name}: {result.action} ({r.tap} <-> {r.nic}, {r.mac}) "
-                      f"in {result.seconds * 1000:.0f} ms", highlight=False)
+    app.console.print(f"{prefix}{r.name}: {result.action} ({r.tap} <-> {r.nic}, {r.mac}; {r.hook}, "
+                      f"from the VM by {r.mode}) in {result.seconds * 1000:.0f} ms", highlight=False)
 
 
 def _default_name(netns: str, tap: str) -> str:
@@ -205,6 +212,9 @@ def status(app: App, vmi: str | None, namespace: str | None, as_json: bool) -> N
       active    programs, maps and devices agree; the fast path is live
       stale     a device or ifindex changed (VM restarted?): attach again
       orphaned  the pod's network namespace is gone: detach it
+    The path column says where the programs hook in (tcx or clsact) and how
+    frames from the VM leave (peer: straight into the host side of the pod
+    veth; redirect: through the pod NIC).
     Exit code 3 when any row shown is not active.
     """
     _require_root(app, "status")
@@ -223,7 +233,7 @@ def status_table(rows: list[Status]) -> Table | str:
     if not rows:
         return "No attachments. Attach one with: tcbypass attach VMI -n NAMESPACE"
     table = Table(title="tcbypass attachments", title_justify="left")
-    for col in ("VMI", "NIC (iface-id)", "netns", "tap", "pod NIC", "MAC", "state"):
+    for col in ("VMI", "NIC (iface-id)", "netns", "tap", "pod NIC", "MAC", "path", "state"):
         table.add_column(col)
     table.add_column("from VM\npkts / bytes", justify="right")
     table.add_column("to VM\npkts / bytes", justify="right")
@@ -236,7 +246,7 @@ def status_table(rows: list[Status]) -> Table | str:
         if s.problems:
             state += "\n" + "\n".join(f"[dim]{p}[/]" for p in s.problems)
         table.add_row(f"{r.namespace}/{r.vmi}" if r.vmi else "-", r.iface_id or r.name, r.netns, r.tap, r.nic,
-                      r.mac, state,
+                      r.mac, f"{r.hook}\n{r.mode}", state,
                       f"{c.redirect_packets['from_vm']} / {_bytes(c.redirect_bytes['from_vm'])}",
                       f"{c.redirect_packets['to_vm']} / {_bytes(c.redirect_bytes['to_vm'])}",
                       passed)
@@ -254,8 +264,9 @@ def _bytes(n: float) -> str:
 @main.command()
 @click.pass_obj
 def gc(app: App) -> None:
-    """Remove leftovers: attachments whose pod is gone, unreadable pins, and
-    directories left by an interrupted attach. Live attachments, even stale
+    """Remove leftovers: attachments whose pod is gone, unreadable pins,
+    directories left by an interrupted attach, and tcx links whose device
+    was deleted (a restarted VM's old tap). Live attachments, even stale
     ones, are left alone (attach refreshes those)."""
     _require_root(app, "gc")
     removed = _run(app, app.backend.gc)
@@ -393,21 +404,64 @@ def bench(app: App, quick: bool, reps: int | None, no_peer: bool, json_file: str
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks, the kernel's features and the path as JSON.")
 @click.pass_obj
-def doctor(app: App) -> None:
-    """Check that this node can run the bypass, and print the fix for each failure."""
-    from .doctor import run_checks
+def doctor(app: App, as_json: bool) -> None:
+    """Check that this node can run the bypass, say which path it takes, and
+    print the fix for each failure.
 
-    failed = 0
-    for check in run_checks():
-        mark = "[green]ok[/]  " if check.ok else "[red]FAIL[/]"
+    The kernel's features (tcx, bpf_redirect_peer, devmap lookups) are
+    probed, not guessed from its version; the path is what attach will
+    choose with them. Exit 1 when a required check fails.
+    """
+    from .doctor import run
+
+    report = run()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        sys.exit(0 if report.ok else 1)
+    for check in report.checks:
+        if check.ok:
+            mark = "[green]ok[/]  "
+        else:
+            mark = "[red]FAIL[/]" if check.required else "[yellow]no[/]  "
         app.console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
-        if not check.ok:
-            failed += 1
+        if not check.ok and check.required:
             app.console.print(f"       fix: {check.fix}", highlight=False)
-    if failed:
+    if report.hook:
+        app.console.print(f"path: {report.hook}, from the VM by "
+                          f"{'bpf_redirect_peer' if report.from_vm == 'peer' else 'bpf_redirect'}", highlight=False)
+    if not report.ok:
+        failed = sum(1 for c in report.checks if not c.ok and c.required)
         app.err.print(f"error: {failed} check(s) failed; apply the fixes above")
         sys.exit(1)
+
+
+@main.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Where to put the builds (default: $TCBYPASS_CACHE_DIR, else /var/lib/tcbypass/objects).")
+@click.pass_obj
+def prepare(app: App, cache_dir: str | None) -> None:
+    """Compile the datapath program ahead of time, for nodes without a compiler.
+
+    bcc compiles bpf/redirect.c once per build (this needs bcc and kernel
+    headers) and keeps the result in the cache directory. Every attach then
+    loads it with fresh maps in a few milliseconds, and a node (or a node
+    image) that has the cache needs neither bcc nor headers. Safe to run
+    again: an entry that is there and sound is kept.
+
+    
+    Examples:
+      tcbypass prepare
+      tcbypass prepare --cache-dir /image-root/var/lib/tcbypass/objects
+    """
+    from pathlib import Path
+
+    from . import build
+
+    for which, path in _run(app, build.prepare, Path(cache_dir) if cache_dir else None):
+        variant = "without bpf_redirect_peer (kernels before 5.10)" if which.no_peer else "default"
+        app.console.print(f"{path}: {variant}", highlight=False)
 
 
 if __name__ == "__main__":

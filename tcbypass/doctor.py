@@ -1,13 +1,19 @@
-"""`tcbypass doctor`: can this node run the bypass? Each check says how to fix itself."""
+"""`tcbypass doctor`: can this node run the bypass, and which path will it take?
+
+Each check says how to fix itself. The kernel's features are probed, not
+read off its version (features.py), and the path attach will choose is
+reported with them, so that `doctor` on two kernels shows why they differ.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from . import loader
+from . import bpfsys, build, features, loader
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,25 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    required: bool = True  # a failed optional check is reported but is not a failure
+
+
+@dataclass(frozen=True)
+class Report:
+    checks: tuple[Check, ...]
+    features: features.Features | None
+    hook: str  # what attach would choose here ("" when it cannot attach)
+    from_vm: str
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok or not c.required for c in self.checks)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "kernel": platform.release(),
+                "features": self.features.to_json() if self.features else None,
+                "path": {"hook": self.hook, "from_vm": self.from_vm},
+                "checks": [asdict(c) for c in self.checks]}
 
 
 def _root() -> Check:
@@ -43,45 +68,60 @@ def _bpffs() -> Check:
                  f"remount it read-write: mount -o remount,rw {loader.BPFFS}")
 
 
-def _headers() -> Check:
-    kver = platform.release()
-    build = f"/lib/modules/{kver}/build"
-    if os.path.isdir(f"{build}/include"):
-        target = os.path.realpath(build)
-        note = "" if kver in target else f" (headers of another kernel: {os.path.basename(target)})"
-        return Check("kernel headers", True, f"{build} -> {target}{note}")
-    return Check("kernel headers", False, f"{build} is missing",
-                 "run scripts/setup.sh (installs linux-headers and links the nearest ones if this kernel has none)")
+def _features(found: features.Features) -> list[Check]:
+    yes = {True: "yes", False: "no"}
+    return [
+        Check("tcx links", found.tcx, f"{yes[found.tcx]}" + ("" if found.tcx else ": clsact filters instead "
+              "(a qdisc graft on first attach can drop a frame in flight)"), "Linux 6.6 or newer has tcx",
+              required=False),
+        Check("bpf_redirect_peer", found.redirect_peer,
+              f"{yes[found.redirect_peer]}" + ("" if found.redirect_peer else
+                                               ": frames from the VM go through the pod NIC's queue"),
+              "Linux 5.10 or newer has it", required=False),
+        Check("devmap lookup from tc", found.devmap_lookup,
+              yes[found.devmap_lookup] + (" (a deleted tap falls back to the bridge at once)"
+                                          if found.devmap_lookup else ""),
+              "this kernel is too old for the fast path (it needs devmap lookups from tc programs)"),
+    ]
 
 
-def _bcc() -> Check:
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return Check("bcc", False, "python module bcc not importable",
-                     "apt-get install python3-bpfcc; use a venv made with --system-site-packages")
-    return Check("bcc", True, f"bcc {getattr(bcc, '__version__', '?')} at {os.path.dirname(bcc.__file__)}")
+def _program(which: build.Build) -> Check:
+    """A prepared build in the cache, or the means to compile one."""
+    cached = build.cached(which)
+    if cached is not None:
+        return Check("program build", True, f"prepared: {build.cache_path(which)} (bcc {cached.bcc_version}); "
+                     "attach needs no compiler")
+    version = build.bcc_version()
+    headers = f"/lib/modules/{platform.release()}/build"
+    if version and os.path.isdir(f"{headers}/include"):
+        target = os.path.realpath(headers)
+        note = "" if platform.release() in target else f" (headers of another kernel: {os.path.basename(target)})"
+        return Check("program build", True, f"not prepared yet; bcc {version} and headers {target}{note} will "
+                     "compile it on the first attach", "")
+    missing = "bcc (python3-bpfcc)" if not version else f"kernel headers ({headers})"
+    return Check("program build", False, f"no prepared build in {build.cache_dir()}, and no {missing} to compile one",
+                 "run 'tcbypass prepare' where bcc and headers are installed and ship the cache directory "
+                 "(see docs/deploy.md), or run scripts/setup.sh here")
 
 
-def _compile() -> Check:
-    """Compile, load and pin a scratch instance, then remove it."""
-    if os.geteuid() != 0:
-        return Check("compile and load", False, "skipped: needs root", "run tcbypass doctor as root")
+def _load(which: build.Build) -> Check:
+    """Build (or take from the cache), load and pin a scratch instance, then remove it."""
     scratch = f"{loader.PIN_ROOT}/doctor-{uuid.uuid4().hex[:8]}"
     try:
-        loader.compile_and_pin(scratch)
+        loader.load_and_pin(scratch, which)
     except Exception as exc:  # any failure is the finding
-        return Check("compile and load", False, str(exc), "fix the checks above first; then run with --debug")
+        return Check("verifier", False, str(exc), "fix the checks above first; then run with --debug")
     finally:
-        loader.remove_pins(scratch)
-    return Check("compile and load", True, "redirect.c compiles and loads as SCHED_CLS")
+        with contextlib.suppress(Exception):
+            loader.remove_pins(scratch)
+    return Check("verifier", True, "the kernel accepts both programs")
 
 
-def _clsact() -> Check:
-    """Add and remove clsact on a scratch device in a scratch namespace."""
-    if os.geteuid() != 0:
-        return Check("clsact", False, "skipped: needs root", "run tcbypass doctor as root")
+def _hook(hook: str) -> Check:
+    """Hook a do-nothing program onto a scratch device in a scratch namespace."""
     from pyroute2 import IPRoute, netns as pnetns
+
+    from . import netns
 
     name = f"tcbdoc-{uuid.uuid4().hex[:8]}"
     try:
@@ -89,21 +129,36 @@ def _clsact() -> Check:
         with IPRoute(netns=name, flags=0) as ipr:
             ipr.link("add", ifname="tcbd0", kind="veth", peer="tcbd1")
             idx = ipr.link_lookup(ifname="tcbd0")[0]
-            ipr.tc("add", kind="clsact", index=idx)
-            ipr.tc("del", kind="clsact", index=idx)
+            if hook == features.HOOK_TCX:
+                prog = bpfsys.prog_load("tcb_doctor", features._EXIT_UNSPEC)
+                try:
+                    link = netns.run_in(f"/var/run/netns/{name}", lambda: bpfsys.tcx_link_create(prog, idx))
+                    os.close(link)
+                finally:
+                    os.close(prog)
+            else:
+                ipr.tc("add", kind="clsact", index=idx)
+                ipr.tc("del", kind="clsact", index=idx)
     except Exception as exc:
-        return Check("clsact", False, f"cannot add clsact ({exc})", "the kernel needs CONFIG_NET_SCH_INGRESS "
-                     "and CONFIG_NET_CLS_BPF")
+        fix = ("the kernel needs CONFIG_NET_XGRESS (tcx)" if hook == features.HOOK_TCX else
+               "the kernel needs CONFIG_NET_SCH_INGRESS and CONFIG_NET_CLS_BPF")
+        return Check(f"{hook} hook", False, f"cannot hook a program ({exc})", fix)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             pnetns.remove(name)
-        except OSError:
-            pass
-    return Check("clsact", True, "clsact qdisc and bpf filters available")
+    return Check(f"{hook} hook", True, "a program hooks onto a device's ingress")
 
 
-def run_checks() -> list[Check]:
-    checks = [_root(), _bpffs(), _headers(), _bcc()]
-    if all(c.ok for c in checks):
-        checks += [_clsact(), _compile()]
-    return checks
+def run() -> Report:
+    checks = [_root(), _bpffs()]
+    if not all(c.ok for c in checks):
+        return Report(tuple(checks), None, "", "")
+    found = features.probe()
+    which = build.Build(no_peer=not found.redirect_peer)
+    checks += _features(found)
+    checks.append(_program(which))
+    if all(c.ok or not c.required for c in checks):
+        checks += [_hook(found.best_hook), _load(which)]
+    ok = all(c.ok or not c.required for c in checks)
+    from_vm = features.MODE_PEER if found.redirect_peer else features.MODE_REDIRECT
+    return Report(tuple(checks), found, found.best_hook if ok else "", from_vm if ok else "")

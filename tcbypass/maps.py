@@ -2,7 +2,7 @@
 bpf/redirect.c (declared there once, mirrored here once) and typed access to
 one attachment's pinned maps.
 
-tcb_ports   ingress ifindex -> struct tcb_port   (the MAC map)
+tcb_config  0               -> struct tcb_config: MACs, flags, the two ifindexes
 tcb_egress  enum tcb_dir    -> egress ifindex    (the ifindex map, a devmap)
 tcb_stats   0               -> struct tcb_counters, per CPU
 tcb_meta    0               -> the attachment record (JSON), made here, not in C
@@ -40,28 +40,36 @@ class Reason(enum.IntEnum):
     NO_TARGET = 7
 
 
-# tcb_port.flags
-F_DHCP_TO_BRIDGE = 0x1
+# tcb_config.flags
+F_DHCP_TO_BRIDGE = 0x1  # leave DHCPv4 to the in-pod server
+F_PEER = 0x2  # from the VM: bpf_redirect_peer() into the pod veth's host side
 
-# TC verdicts (uapi/linux/pkt_cls.h) the program may return.
-TC_ACT_OK = 0
+# TC verdicts (uapi/linux/pkt_cls.h) the program may return, as the u32
+# BPF_PROG_TEST_RUN reports: "continue" (TCX_NEXT on tcx) and redirect.
+TC_ACT_UNSPEC = 0xFFFFFFFF  # -1
 TC_ACT_REDIRECT = 7
 
+# Packet types (uapi/linux/if_packet.h).
+PACKET_HOST, PACKET_OTHERHOST = 0, 3
+
 # Pin and map names (bpffs names may not contain a dot).
-PORTS, EGRESS, STATS, META = "tcb_ports", "tcb_egress", "tcb_stats", "tcb_meta"
+CONFIG, EGRESS, STATS, META = "tcb_config", "tcb_egress", "tcb_stats", "tcb_meta"
+TEST_OUT = "tcb_test_out"  # TCB_TEST builds only
 PROG_FROM_VM, PROG_TO_VM = "tcb_from_vm", "tcb_to_vm"
 META_SIZE = 4096
-PIN_LAYOUT = "v1"  # bump with loader.PIN_VERSION when a map's layout changes
+PIN_LAYOUT = "v2"  # bump with loader.PIN_VERSION when a map's layout changes
 
 
-class PortEntry(ctypes.Structure):
-    """struct tcb_port."""
+class ConfigEntry(ctypes.Structure):
+    """struct tcb_config."""
 
     _fields_ = [
         ("vm_mac", ctypes.c_uint8 * 6),
-        ("local_mac", ctypes.c_uint8 * 6),
-        ("dir", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
+        ("bridge_mac", ctypes.c_uint8 * 6),
+        ("host_mac", ctypes.c_uint8 * 6),
+        ("flags", ctypes.c_uint16),
+        ("tap_ifindex", ctypes.c_uint32),
+        ("nic_ifindex", ctypes.c_uint32),
     ]
 
 
@@ -95,10 +103,12 @@ def format_mac(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def port_entry(vm_mac: bytes, local_mac: bytes, direction: Direction, flags: int) -> PortEntry:
-    entry = PortEntry(dir=int(direction), flags=flags)
+def config_entry(vm_mac: bytes, bridge_mac: bytes, host_mac: bytes, flags: int,
+                 tap_ifindex: int, nic_ifindex: int) -> ConfigEntry:
+    entry = ConfigEntry(flags=flags, tap_ifindex=tap_ifindex, nic_ifindex=nic_ifindex)
     ctypes.memmove(entry.vm_mac, vm_mac, 6)
-    ctypes.memmove(entry.local_mac, local_mac, 6)
+    ctypes.memmove(entry.bridge_mac, bridge_mac, 6)
+    ctypes.memmove(entry.host_mac, host_mac, 6)
     return entry
 
 
@@ -131,13 +141,13 @@ def sum_counters(per_cpu: list[CountersEntry]) -> Counters:
     )
 
 
-BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_DEVMAP = 1, 2, 6, 14
+BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_DEVMAP = 2, 6, 14
 
 
 def expected_layout() -> dict[str, tuple[int, int, int]]:
     """(type, key size, value size) of each map of this build, from the structs above."""
     return {
-        PORTS: (BPF_MAP_TYPE_HASH, 4, ctypes.sizeof(PortEntry)),
+        CONFIG: (BPF_MAP_TYPE_ARRAY, 4, ctypes.sizeof(ConfigEntry)),
         EGRESS: (BPF_MAP_TYPE_DEVMAP, 4, 4),
         STATS: (BPF_MAP_TYPE_PERCPU_ARRAY, 4, ctypes.sizeof(CountersEntry)),
         META: (BPF_MAP_TYPE_ARRAY, 4, META_SIZE),
@@ -151,14 +161,17 @@ class AttachmentMaps:
     another version or tool with other value sizes would otherwise make the
     kernel write past our buffers."""
 
-    def __init__(self, pin_dir: str, readonly: bool = False):
+    def __init__(self, pin_dir: str, readonly: bool = False, only: tuple[str, ...] = ()):
         self.pin_dir = pin_dir
         self.readonly = readonly
+        self.only = only  # open just these maps (the record alone is readable in any layout's pins)
         self._fds: dict[str, int] = {}
 
     def __enter__(self) -> "AttachmentMaps":
         try:
             for name, layout in expected_layout().items():
+                if self.only and name not in self.only:
+                    continue
                 fd = bpfsys.obj_get(f"{self.pin_dir}/{name}", readonly=self.readonly)
                 self._fds[name] = fd
                 info = bpfsys.map_info(fd)
@@ -183,23 +196,18 @@ class AttachmentMaps:
             os.close(fd)
         self._fds.clear()
 
-    # --- tcb_ports -----------------------------------------------------
-    def set_port(self, ifindex: int, entry: PortEntry) -> None:
+    # --- tcb_config ----------------------------------------------------
+    def set_config(self, entry: ConfigEntry) -> None:
         try:
-            bpfsys.map_update(self._fds[PORTS], ctypes.c_uint32(ifindex), entry)
+            bpfsys.map_update(self._fds[CONFIG], ctypes.c_uint32(0), entry)
         except OSError as exc:
-            raise BpfError(f"cannot write {PORTS}[{ifindex}] ({exc.strerror})",
-                           hint="the map is full or was replaced; run 'tcbypass gc' and attach again") from exc
+            raise BpfError(f"cannot write {CONFIG} ({exc.strerror})",
+                           hint="run 'tcbypass gc' and attach again") from exc
 
-    def port(self, ifindex: int) -> PortEntry | None:
-        entry = PortEntry()
-        return entry if bpfsys.map_lookup(self._fds[PORTS], ctypes.c_uint32(ifindex), entry) else None
-
-    def port_ifindexes(self) -> list[int]:
-        return [k.value for k in bpfsys.map_keys(self._fds[PORTS], ctypes.c_uint32)]
-
-    def drop_port(self, ifindex: int) -> None:
-        bpfsys.map_delete(self._fds[PORTS], ctypes.c_uint32(ifindex))
+    def config(self) -> ConfigEntry:
+        entry = ConfigEntry()
+        bpfsys.map_lookup(self._fds[CONFIG], ctypes.c_uint32(0), entry)
+        return entry
 
     # --- tcb_egress (a devmap) -------------------------------------------
     def set_target(self, direction: Direction, ifindex: int) -> None:

@@ -48,7 +48,8 @@ class AttachSpec:
     namespace: str = ""
     iface_id: str = ""
     managed_by: str = "cli"
-    redirect_peer: bool = False  # from the VM, bpf_redirect_peer() into the host side (opt-in)
+    hook: str = ""  # "tcx" or "clsact"; "" picks the best this kernel has
+    from_vm: str = ""  # "peer" or "redirect"; "" picks peer wherever it works
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,24 @@ class Record:
     bridge_mac: str
     mac: str
     dhcp_to_bridge: bool
-    digest: str  # program build the pins came from
+    digest: str  # key of the program build the pins came from (build.key)
     vmi: str = ""
     namespace: str = ""
     iface_id: str = ""
     managed_by: str = "cli"
-    redirect_peer: bool = False
+    redirect_peer: bool = False  # from the VM: bpf_redirect_peer() into the host side
+    host_mac: str = ""  # MAC of the pod veth's host side
+    hook: str = "clsact"  # tcx or clsact (attachments of tcbypass 0.1 are all clsact)
     attached_at: float = 0.0
     complete: bool = False  # False while an attach is under way (or was interrupted)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def mode(self) -> str:
+        """How frames from the VM leave: 'peer' or 'redirect'."""
+        return "peer" if self.redirect_peer else "redirect"
 
     @classmethod
     def from_json(cls, data: dict) -> "Record | None":
@@ -89,7 +97,7 @@ class Record:
     def same_wiring(self, other: "Record") -> bool:
         """Would `other` program the datapath exactly as this one does?"""
         keys = ("netns_id", "tap", "tap_ifindex", "nic", "nic_ifindex", "bridge_mac", "mac", "dhcp_to_bridge",
-                "digest", "vmi", "namespace", "iface_id")
+                "digest", "vmi", "namespace", "iface_id", "redirect_peer", "host_mac", "hook")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -122,6 +130,8 @@ class Status:
             "dhcp_to_bridge": r.dhcp_to_bridge,
             "managed_by": r.managed_by,
             "redirect_peer": r.redirect_peer,
+            "hook": r.hook,
+            "mode": r.mode,
             "state": self.state,
             "problems": list(self.problems),
             "counters": self.counters.to_json(),

@@ -19,6 +19,7 @@ class Link:
     master: int  # ifindex of the bridge it is a port of, 0 if none
     peer: int  # IFLA_LINK: a veth's peer ifindex (in the peer's namespace)
     up: bool
+    peer_netnsid: int | None = None  # IFLA_LINK_NETNSID: set when the peer is in another namespace
 
 
 def _decode(msg) -> Link:
@@ -32,6 +33,7 @@ def _decode(msg) -> Link:
         master=msg.get_attr("IFLA_MASTER") or 0,
         peer=msg.get_attr("IFLA_LINK") or 0,
         up=bool(msg["flags"] & 1),
+        peer_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
     )
 
 
@@ -45,3 +47,16 @@ def open_netns(path: str) -> IPRoute:
 
 def list_links(ipr: IPRoute) -> dict[str, Link]:
     return {link.name: link for link in map(_decode, ipr.get_links())}
+
+
+def host_side(ipr: IPRoute, nic: Link) -> Link | None:
+    """The other end of a veth pod NIC, read from the pod's side (the kernel
+    looks it up in the peer's namespace by its id): the host port. None when
+    the NIC is not a veth whose peer lives in another namespace."""
+    if nic.kind != "veth" or not nic.peer or nic.peer_netnsid is None or nic.peer_netnsid < 0:
+        return None
+    try:
+        msgs = ipr.link("get", index=nic.peer, IFLA_IF_NETNSID=nic.peer_netnsid)
+    except NetlinkError:
+        return None
+    return _decode(msgs[0]) if msgs else None

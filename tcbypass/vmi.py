@@ -75,8 +75,9 @@ def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool 
 
 
 def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
-               managed_by: str = "cli", redirect_peer: bool = False) -> VmiResult:
-    """Attach every bridge-bound NIC of the VMI (all or nothing); `managed_by` is recorded for status."""
+               managed_by: str = "cli", hook: str = "", from_vm: str = "") -> VmiResult:
+    """Attach every bridge-bound NIC of the VMI (all or nothing); `managed_by` is recorded for status,
+    `hook` and `from_vm` as in AttachSpec ("" lets the kernel's features decide)."""
     plans = discover(vmi, namespace, settings, dhcp_to_bridge)
     good = [p for p in plans if p.ok]
     skipped = tuple(p for p in plans if not p.ok)
@@ -87,7 +88,7 @@ def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: boo
     done: list[AttachResult] = []
     try:
         for plan in good:
-            spec = dataclasses.replace(plan.spec, managed_by=managed_by, redirect_peer=redirect_peer)
+            spec = dataclasses.replace(plan.spec, managed_by=managed_by, hook=hook, from_vm=from_vm)
             done.append(attachments.attach(spec))
     except BaseException:
         for result in done:
