@@ -38,6 +38,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/udp.h>
 
 /* Directions; also the index of the target device in tcb_egress. */
 enum tcb_dir {
@@ -126,15 +127,14 @@ static __always_inline int tcb_is_dhcp(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
-	struct iphdr copy;
-	__be16 ports[2];
-	__u8 *l4;
+	struct udphdr *udp, udp_copy;
+	struct iphdr ip_copy;
 	__u32 ihl;
 
 	if ((void *)(ip + 1) > data_end) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &copy, sizeof(copy)) < 0)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip_copy, sizeof(ip_copy)) < 0)
 			return -1;
-		ip = &copy;
+		ip = &ip_copy;
 	}
 	if (ip->protocol != IPPROTO_UDP)
 		return 0;
@@ -144,18 +144,17 @@ static __always_inline int tcb_is_dhcp(struct __sk_buff *skb)
 	if (ihl < sizeof(*ip))
 		return -1;
 
-	l4 = data + ETH_HLEN + ihl;
-	if ((void *)(l4 + sizeof(ports)) <= data_end) {
-		ports[0] = *(__be16 *)l4;
-		ports[1] = *(__be16 *)(l4 + 2);
-	} else if (bpf_skb_load_bytes(skb, ETH_HLEN + ihl, ports, sizeof(ports)) < 0) {
-		return -1;
+	udp = data + ETH_HLEN + ihl;
+	if ((void *)(udp + 1) > data_end) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + ihl, &udp_copy, sizeof(udp_copy)) < 0)
+			return -1;
+		udp = &udp_copy;
 	}
 
-	return ports[0] == bpf_htons(TCB_DHCP_SERVER_PORT) ||
-	       ports[0] == bpf_htons(TCB_DHCP_CLIENT_PORT) ||
-	       ports[1] == bpf_htons(TCB_DHCP_SERVER_PORT) ||
-	       ports[1] == bpf_htons(TCB_DHCP_CLIENT_PORT);
+	return udp->source == bpf_htons(TCB_DHCP_SERVER_PORT) ||
+	       udp->source == bpf_htons(TCB_DHCP_CLIENT_PORT) ||
+	       udp->dest == bpf_htons(TCB_DHCP_SERVER_PORT) ||
+	       udp->dest == bpf_htons(TCB_DHCP_CLIENT_PORT);
 }
 
 /*

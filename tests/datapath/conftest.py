@@ -4,8 +4,8 @@ Cilium's pktgen -> setup -> check, in Python: a test builds a frame with
 scapy (pktgen.py), the `dp` fixture has filled the maps of a TCB_TEST
 instance, and `dp.from_vm(frame)` / `dp.to_vm(frame)` run one of the two
 programs on it and return an `Outcome`: the tc verdict, the frame the kernel
-hands back, the redirect target the test build recorded, and how every
-counter moved.
+hands back, the redirect the test build recorded (target, by peer or not,
+the packet type set), and how every counter moved.
 
 Why a network namespace: the ifindex in the test context and the ifindex a
 devmap entry holds are both resolved in the network namespace of the calling
@@ -14,7 +14,7 @@ devmap writes (set_target) and every test run happen on a thread inside it
 (netns.run_in). Pins stay in the host's bpffs view.
 
 Objects made here carry a random tag (netns `tcbdp-<tag>`, pins
-`/sys/fs/bpf/tcbypass/v1/dptest-<tag>`) and are removed even after a failure.
+`/sys/fs/bpf/tcbypass/v2/dptest-<tag>`) and are removed even after a failure.
 An instance's maps and programs are opened once, right after pinning, and
 used through those fds from then on.
 """
@@ -31,17 +31,18 @@ from typing import Callable, Iterator, TypeVar
 
 import pytest
 
-from tcbypass import bpfsys, loader, netns
+from tcbypass import bpfsys, build, loader, netns
 from tcbypass.maps import (
-    TC_ACT_OK,
     TC_ACT_REDIRECT,
+    TC_ACT_UNSPEC,
+    TEST_OUT,
     AttachmentMaps,
     Counters,
     Direction,
     F_DHCP_TO_BRIDGE,
     Reason,
+    config_entry,
     parse_mac,
-    port_entry,
 )
 from tcbypass.lab.sandbox import NETNS_DIR, sh
 
@@ -96,33 +97,45 @@ def pod_namespace() -> Iterator[Pod]:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """What the test build recorded of the last redirect."""
+
+    target: int  # 0 = no redirect recorded
+    peer: bool  # by bpf_redirect_peer()
+    pkt_type: int  # the packet type set for the peer (0 when not by peer)
+
+
+@dataclass(frozen=True)
 class Instance:
     """A TCB_TEST instance: its pin directory and open fds of what is pinned there."""
 
     pin_dir: str
     maps: AttachmentMaps
     programs: loader.Programs
-    test_target_fd: int  # tcb_test_target, only in TCB_TEST builds
+    test_out_fd: int  # tcb_test_out, only in TCB_TEST builds
 
-    def test_target(self) -> int:
-        """The last redirect target recorded."""
-        value = ctypes.c_uint32()
-        bpfsys.map_lookup(self.test_target_fd, ctypes.c_uint32(0), value)
-        return value.value
+    def recorded(self) -> Recorded:
+        values = []
+        for slot in range(3):
+            value = ctypes.c_uint32()
+            bpfsys.map_lookup(self.test_out_fd, ctypes.c_uint32(slot), value)
+            values.append(value.value)
+        return Recorded(values[0], bool(values[1]), values[2])
 
-    def clear_test_target(self) -> None:
-        """Reset the record, so that 0 afterwards means 'not redirected'."""
-        bpfsys.map_update(self.test_target_fd, ctypes.c_uint32(0), ctypes.c_uint32(0))
+    def clear_recorded(self) -> None:
+        """Reset the record, so that a target of 0 afterwards means 'not redirected'."""
+        for slot in range(3):
+            bpfsys.map_update(self.test_out_fd, ctypes.c_uint32(slot), ctypes.c_uint32(0))
 
 
 @contextlib.contextmanager
-def compiled_instance() -> Iterator[Instance]:
-    """A freshly compiled TCB_TEST instance pinned in its own directory."""
+def loaded_instance(which: build.Build = build.Build(test=True)) -> Iterator[Instance]:
+    """A fresh TCB_TEST instance (from the object cache) pinned in its own directory."""
     pin_dir = f"{loader.PIN_ROOT}/dptest-{secrets.token_hex(3)}"
-    loader.compile_and_pin(pin_dir, test=True)  # removes its pins itself when it fails
+    loader.load_and_pin(pin_dir, which)  # removes its pins itself when it fails
     try:
         with AttachmentMaps(pin_dir) as maps, loader.open_programs(pin_dir) as programs:
-            fd = bpfsys.obj_get(f"{pin_dir}/tcb_test_target")
+            fd = bpfsys.obj_get(f"{pin_dir}/{TEST_OUT}")
             try:
                 yield Instance(pin_dir, maps, programs, fd)
             finally:
@@ -169,23 +182,37 @@ class Outcome:
     direction: Direction  # the program that ran
     retval: int
     data_out: bytes
-    target: int  # tcb_test_target after the run; 0 = no redirect recorded
+    recorded: Recorded  # tcb_test_out after the run
     delta: Counters
 
     @property
     def verdict(self) -> str:
         return describe(self.delta)
 
+    @property
+    def target(self) -> int:
+        return self.recorded.target
+
     def expect_redirect(self, to: int) -> None:
-        """Redirected to ifindex `to`, counted once with the frame's length, frame untouched."""
+        """Redirected by bpf_redirect() to ifindex `to`, counted once with the
+        frame's length, frame untouched."""
         assert (self.retval, self.verdict) == (TC_ACT_REDIRECT, f"redirect {self.direction.name.lower()}")
-        assert self.target == to
+        assert self.recorded == Recorded(to, False, 0)
+        assert self.data_out == self.frame
+        assert self.delta == expected_delta(redirected=self.direction, nbytes=len(self.frame))
+
+    def expect_peer_redirect(self, to: int, pkt_type: int) -> None:
+        """Redirected by bpf_redirect_peer() into the peer of `to`, with the
+        packet type set to `pkt_type`; counted once, frame untouched."""
+        assert (self.retval, self.verdict) == (TC_ACT_REDIRECT, f"redirect {self.direction.name.lower()}")
+        assert self.recorded == Recorded(to, True, pkt_type)
         assert self.data_out == self.frame
         assert self.delta == expected_delta(redirected=self.direction, nbytes=len(self.frame))
 
     def expect_pass(self, reason: Reason) -> None:
-        """Left to the bridge (TC_ACT_OK) for `reason`, counted once, frame untouched."""
-        assert (self.retval, self.verdict) == (TC_ACT_OK, f"pass {reason.name.lower()}")
+        """Left to the bridge ("continue", TC_ACT_UNSPEC) for `reason`, counted
+        once, frame untouched."""
+        assert (self.retval, self.verdict) == (TC_ACT_UNSPEC, f"pass {reason.name.lower()}")
         assert self.target == 0
         assert self.data_out == self.frame
         assert self.delta == expected_delta(passed=reason)
@@ -218,13 +245,11 @@ class Datapath:
         self.addr = ADDR
 
     def wire(self, flags: int = F_DHCP_TO_BRIDGE) -> None:
-        """tap -> FROM_VM, NIC -> TO_VM in tcb_ports, nothing else there; both
-        devmap slots written from inside the namespace."""
-        vm, local = parse_mac(self.addr.vm_mac), parse_mac(self.addr.bridge_mac)
-        for ifindex in self.maps.port_ifindexes():
-            self.maps.drop_port(ifindex)
-        self.maps.set_port(self.pod.tap, port_entry(vm, local, Direction.FROM_VM, flags))
-        self.maps.set_port(self.pod.nic, port_entry(vm, local, Direction.TO_VM, flags))
+        """The config as attach writes it (the tap for FROM_VM, the NIC for
+        TO_VM, the MACs of pktgen's addressing plan); both devmap slots
+        written from inside the namespace."""
+        vm, bridge, host = (parse_mac(m) for m in (self.addr.vm_mac, self.addr.bridge_mac, self.addr.host_mac))
+        self.maps.set_config(config_entry(vm, bridge, host, flags, self.pod.tap, self.pod.nic))
 
         def targets() -> None:
             self.maps.set_target(Direction.FROM_VM, self.pod.nic)
@@ -246,12 +271,12 @@ class Datapath:
                 os.sched_setaffinity(0, {cpu})  # this thread only
             return bpfsys.prog_test_run(prog, frame, ifindex=ifindex)
 
-        self.instance.clear_test_target()
+        self.instance.clear_recorded()
         before = self.maps.counters()
         result = self.pod.run(body)
         after = self.maps.counters()
         return Outcome(frame, direction, result.retval, result.data_out,
-                       self.instance.test_target(), counters_delta(before, after))
+                       self.instance.recorded(), counters_delta(before, after))
 
     def from_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None) -> Outcome:
         """tcb_from_vm on `frame`, by default as if it came in on the tap."""
@@ -275,9 +300,9 @@ def _require_root() -> None:
 
 @pytest.fixture(scope="session")
 def instance() -> Iterator[Instance]:
-    """The session's TCB_TEST instance: compiled once (a few hundred ms)."""
+    """The session's TCB_TEST instance (compiled once per source change, then cached)."""
     _require_root()
-    with compiled_instance() as inst:
+    with loaded_instance() as inst:
         yield inst
 
 
@@ -301,7 +326,17 @@ def dp(instance: Instance, pod: Pod) -> Datapath:
 def private_dp() -> Iterator[Datapath]:
     """A namespace and an instance of its own, for tests that destroy devices."""
     _require_root()
-    with pod_namespace() as p, compiled_instance() as inst:
+    with pod_namespace() as p, loaded_instance() as inst:
         d = Datapath(p, inst)
+        d.wire()
+        yield d
+
+
+@pytest.fixture(scope="session")
+def no_peer_dp(pod: Pod) -> Iterator[Datapath]:
+    """An instance of the TCB_NO_PEER test build, wired to the session's namespace."""
+    _require_root()
+    with loaded_instance(build.Build(test=True, no_peer=True)) as inst:
+        d = Datapath(pod, inst)
         d.wire()
         yield d

@@ -17,8 +17,9 @@ BROADCAST = "ff:ff:ff:ff:ff:ff"
 class Addresses:
     """Locally administered MACs and pod-network addresses of the frames."""
 
-    vm_mac: str = "0a:58:0a:10:00:05"  # the VM's own MAC (tcb_port.vm_mac)
-    bridge_mac: str = "0a:58:0a:10:00:fe"  # the in-pod bridge's MAC (tcb_port.local_mac)
+    vm_mac: str = "0a:58:0a:10:00:05"  # the VM's own MAC (tcb_config.vm_mac)
+    bridge_mac: str = "0a:58:0a:10:00:fe"  # the in-pod bridge's MAC (tcb_config.bridge_mac)
+    host_mac: str = "0a:58:0a:10:00:0b"  # the host side of the pod veth (tcb_config.host_mac)
     peer_mac: str = "0a:58:0a:10:00:09"  # another pod behind OVS
     other_mac: str = "0a:58:0a:10:00:77"  # neither the VM's nor the bridge's
     vm_ip: str = "10.16.0.5"

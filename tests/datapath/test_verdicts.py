@@ -18,7 +18,7 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Dot1Q
 from scapy.packet import Raw
 
-from tcbypass.maps import Direction, Reason
+from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, PACKET_HOST, PACKET_OTHERHOST, Direction, Reason, config_entry
 
 from .pktgen import (
     ADDR,
@@ -225,13 +225,21 @@ def test_from_vm_frame_for_the_bridge_mac_passes_as_local(dp):
 
 
 # --- devices -----------------------------------------------------------------------------
-def test_frame_on_a_device_without_a_port_entry_passes_as_unknown_dev(dp):
+def test_frame_on_a_device_the_instance_was_not_attached_to_passes_as_unknown_dev(dp):
     dp.from_vm(tcp_from_vm(), ifindex=dp.pod.stray).expect_pass(Reason.UNKNOWN_DEV)
 
 
 def test_tap_program_run_on_the_nic_passes_as_unknown_dev(dp):
-    """The NIC is registered, but for TO_VM: the wrong direction for tcb_from_vm."""
+    """The NIC is configured, but for TO_VM: the wrong device for tcb_from_vm."""
     dp.from_vm(tcp_from_vm(), ifindex=dp.pod.nic).expect_pass(Reason.UNKNOWN_DEV)
+
+
+def test_an_instance_with_no_config_yet_passes_everything_as_unknown_dev(dp):
+    """Between loading and configuring an instance its config is all zeroes:
+    no device has ifindex 0, so nothing can be redirected."""
+    dp.maps.set_config(config_entry(bytes(6), bytes(6), bytes(6), 0, 0, 0))
+    dp.from_vm(tcp_from_vm()).expect_pass(Reason.UNKNOWN_DEV)
+    dp.to_vm(tcp_to_vm()).expect_pass(Reason.UNKNOWN_DEV)
 
 
 def test_nic_program_run_on_the_tap_passes_as_unknown_dev(dp):
@@ -251,3 +259,40 @@ def test_from_vm_frame_passes_as_no_target_once_the_nic_is_deleted(private_dp):
     assert dp.maps.target(Direction.TO_VM) == dp.pod.tap  # only the vanished device's slot
 
     dp.from_vm(frame).expect_pass(Reason.NO_TARGET)
+
+
+# --- from the VM by bpf_redirect_peer() -------------------------------------------------
+def test_from_vm_frame_for_the_host_side_goes_by_peer_as_packet_host(dp):
+    """With F_PEER the frame is handed to the NIC's peer (the host side of
+    the pod veth) and, addressed to that side's own MAC, becomes PACKET_HOST,
+    as eth_type_trans() would have made it there."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    frame = bytes(from_vm(dst=ADDR.host_mac) / IP(src=ADDR.vm_ip, dst=ADDR.peer_ip) / TCP(sport=40000, dport=80))
+    dp.from_vm(frame).expect_peer_redirect(to=dp.pod.nic, pkt_type=PACKET_HOST)
+
+
+def test_from_vm_frame_for_another_host_goes_by_peer_as_packet_otherhost(dp):
+    """A frame for the gateway or another pod (OVS switches it) stays
+    PACKET_OTHERHOST, so the host's own stack would not take it."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    dp.from_vm(tcp_from_vm()).expect_peer_redirect(to=dp.pod.nic, pkt_type=PACKET_OTHERHOST)
+
+
+def test_to_vm_frames_never_go_by_peer(dp):
+    """A tap has no peer: towards the VM it is always bpf_redirect() to the tap's egress."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    dp.to_vm(tcp_to_vm()).expect_redirect(to=dp.pod.tap)
+
+
+def test_peer_mode_leaves_what_it_does_not_redirect_to_the_bridge(dp):
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    dp.from_vm(dhcp_request_from_vm()).expect_pass(Reason.DHCP)
+    frame = bytes(from_vm(dst=BROADCAST) / ARP(op=1, hwsrc=ADDR.vm_mac, psrc=ADDR.vm_ip, pdst=ADDR.peer_ip))
+    dp.from_vm(frame).expect_pass(Reason.MULTICAST)
+
+
+def test_a_build_without_redirect_peer_redirects_plainly_even_with_the_flag(no_peer_dp):
+    """TCB_NO_PEER (kernels before 5.10) leaves bpf_redirect_peer() out;
+    the flag is then ignored, and frames still take the fast path."""
+    no_peer_dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    no_peer_dp.from_vm(tcp_from_vm()).expect_redirect(to=no_peer_dp.pod.nic)

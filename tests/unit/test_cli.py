@@ -20,7 +20,8 @@ from tcbypass.vmi import VmiResult
 def record(name="vm1.prod", **changes) -> Record:
     base = dict(name=name, netns="/var/run/netns/p", netns_id="4:100", tap="tap0", tap_ifindex=5, nic="eth0-nic",
                 nic_ifindex=3, bridge="k6t-eth0", bridge_mac="0a:bb:00:00:00:03", mac="0a:00:00:00:00:05",
-                dhcp_to_bridge=True, digest="abc", vmi="vm1", namespace="prod", iface_id=name, complete=True)
+                dhcp_to_bridge=True, digest="abc", vmi="vm1", namespace="prod", iface_id=name, complete=True,
+                hook="tcx", redirect_peer=True, host_mac="0a:cc:00:00:00:01")
     return Record(**(base | changes))
 
 
@@ -41,8 +42,9 @@ class FakeBackend:
         self._maybe_fail()
         return AttachResult(record(spec.name, vmi="", namespace="", iface_id=""), "attached", 0.25)
 
-    def attach_vmi(self, name, namespace, settings, dhcp_to_bridge, redirect_peer=False):
+    def attach_vmi(self, name, namespace, settings, dhcp_to_bridge, hook="", from_vm=""):
         self.calls.append(("attach_vmi", name, namespace, settings, dhcp_to_bridge))
+        self.options = (hook, from_vm)
         self._maybe_fail()
         skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, "not a veth")
         return VmiResult(name, namespace, (AttachResult(record(), "unchanged", 0.002),), (skipped,), ())
@@ -66,7 +68,7 @@ def test_attach_vmi_reports_each_nic_and_the_ones_skipped():
     fake = FakeBackend()
     res = invoke(fake, "attach", "vm1", "-n", "prod", "--ovsdb", "unix:/x.sock")
     assert res.exit_code == 0, res.output
-    assert "prod/vm1 vm1.prod: unchanged (tap0 <-> eth0-nic, 0a:00:00:00:00:05)" in res.output
+    assert "prod/vm1 vm1.prod: unchanged (tap0 <-> eth0-nic, 0a:00:00:00:00:05; tcx, from the VM by peer)" in res.output
     assert "vm1.prod.sriov: not bypassed, not a veth" in res.output
     _, name, ns, settings, dhcp = fake.calls[0]
     assert (name, ns, settings.url, dhcp) == ("vm1", "prod", "unix:/x.sock", True)
@@ -85,6 +87,24 @@ def test_explicit_attach_passes_the_spec():
     assert res.exit_code == 0, res.output
     spec = fake.calls[0][1]
     assert (spec.name, spec.netns, spec.dhcp_to_bridge) == ("42-tap0", "/proc/42/ns/net", False)
+
+
+def test_attach_leaves_hook_and_mode_to_the_kernel_unless_asked():
+    fake = FakeBackend()
+    assert invoke(fake, "attach", "vm1").exit_code == 0
+    assert fake.options == ("", "")
+    assert invoke(fake, "attach", "vm1", "--hook", "clsact", "--from-vm", "redirect").exit_code == 0
+    assert fake.options == ("clsact", "redirect")
+    res = invoke(fake, "attach", "--netns", "/proc/42/ns/net", "--tap", "tap0", "--nic", "eth0-nic",
+                 "--mac", "0a:00:00:00:00:05", "--hook", "tcx", env={"TCBYPASS_HOOK": "clsact"})
+    assert res.exit_code == 0, res.output
+    assert (fake.calls[-1][1].hook, fake.calls[-1][1].from_vm) == ("tcx", "")
+
+
+def test_attach_refuses_an_unknown_hook_as_usage():
+    fake = FakeBackend()
+    res = invoke(fake, "attach", "vm1", "--hook", "xdp")
+    assert res.exit_code == 2 and "xdp" in res.output and fake.calls == []
 
 
 @pytest.mark.parametrize("args, message", [

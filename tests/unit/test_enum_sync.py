@@ -8,20 +8,22 @@ import re
 
 import pytest
 
-from tcbypass import loader
-from tcbypass.maps import F_DHCP_TO_BRIDGE, CountersEntry, Direction, Reason
+from tcbypass import build
+import ctypes
+
+from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, ConfigEntry, CountersEntry, Direction, Reason
 
 
 @pytest.fixture(scope="module")
 def source() -> str:
-    text = loader.source_path().read_text()
+    text = build.source_path().read_text()
     return re.sub(r"/\*.*?\*/|//[^\n]*", "", text, flags=re.S)  # comments out
 
 
 def c_enum(source: str, name: str) -> dict[str, int]:
     """The members of `enum name { ... };` with their values (implicit ones counted on)."""
     match = re.search(rf"\benum\s+{name}\s*\{{(.*?)\}}\s*;", source, re.S)
-    assert match, f"enum {name} not found in {loader.source_path()}"
+    assert match, f"enum {name} not found in {build.source_path()}"
     members, value = {}, -1
     for item in match.group(1).split(","):
         item = item.strip()
@@ -55,5 +57,30 @@ def test_counter_arrays_have_one_slot_per_reason_and_direction(source):
     assert c_enum(source, "tcb_dir")["TCB_DIR_MAX"] == len(Direction) == len(CountersEntry().redirect_packets)
 
 
-def test_dhcp_flag_matches(source):
+def test_config_flags_match(source):
     assert c_define(source, "TCB_F_DHCP_TO_BRIDGE") == F_DHCP_TO_BRIDGE
+    assert c_define(source, "TCB_F_PEER") == F_PEER
+
+
+def c_struct_fields(source: str, name: str) -> list[tuple[str, str, int]]:
+    """(type, field, array length or 0) of `struct name { ... };`, in order."""
+    match = re.search(rf"\bstruct\s+{name}\s*\{{(.*?)\}}\s*;", source, re.S)
+    assert match, f"struct {name} not found"
+    fields = []
+    for decl in filter(None, (d.strip() for d in match.group(1).split(";"))):
+        found = re.fullmatch(r"(__u8|__u16|__u32|__u64)\s+(\w+)(?:\[(\w+)\])?", decl)
+        assert found, f"cannot read {decl!r} in struct {name}"
+        fields.append((found.group(1), found.group(2), found.group(3) or ""))
+    return fields
+
+
+def test_config_struct_matches_its_python_mirror_field_by_field(source):
+    """Same names, order and sizes: a moved field would make the program read
+    the VM's MAC where Python wrote the bridge's."""
+    sizes = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}
+    lengths = {"ETH_ALEN": 6}
+    c = [(name, sizes[t] * ((lengths[n] if n in lengths else int(n)) if n else 1))
+         for t, name, n in c_struct_fields(source, "tcb_config")]
+    py = [(name, ctypes.sizeof(ctype)) for name, ctype in ConfigEntry._fields_]
+    assert c == py
+    assert ctypes.sizeof(ConfigEntry) == 28

@@ -63,8 +63,8 @@ def test_bad_macs_are_refused(bad):
 
 
 def test_struct_sizes_match_the_c_layout():
-    # struct tcb_port: two MACs and two u32, no holes.
-    assert ctypes.sizeof(maps.PortEntry) == 20
+    # struct tcb_config: three MACs, a u16 and two u32, no holes.
+    assert ctypes.sizeof(maps.ConfigEntry) == 28
     # struct tcb_counters: u64 per direction twice, then one per reason.
     assert ctypes.sizeof(maps.CountersEntry) == 8 * (2 * len(maps.Direction) + len(maps.Reason))
 
