@@ -9,8 +9,8 @@
  *
  *   tcb_from_vm  on the tap: the VM's unicast frames go straight to the host
  *                side of the pod veth with bpf_redirect_peer(), skipping both
- *                the bridge and the veth's backlog queue (TCB_F_PEER), or to
- *                the NIC's egress with bpf_redirect();
+ *                the bridge and the veth's backlog queue, or to the NIC's
+ *                egress with bpf_redirect() (see tcb_by_peer() for which);
  *   tcb_to_vm    on the NIC: unicast frames for the VM's MAC go to the tap's
  *                egress with bpf_redirect().
  *
@@ -68,13 +68,14 @@ enum tcb_reason {
 
 /* tcb_config.flags */
 #define TCB_F_DHCP_TO_BRIDGE	0x1	/* leave DHCPv4 to the in-pod server */
-#define TCB_F_PEER		0x2	/* from the VM: bpf_redirect_peer() into the host side */
+#define TCB_F_PEER		0x2	/* by peer: frames for the host side's own MAC */
+#define TCB_F_PEER_ALL		0x4	/* by peer: every frame (the host side is a switch port) */
 
 /* The attachment, entry 0 of tcb_config. 28 bytes, no holes. */
 struct tcb_config {
 	__u8 vm_mac[ETH_ALEN];		/* the VM's MAC */
 	__u8 bridge_mac[ETH_ALEN];	/* the bridge's own MAC */
-	__u8 host_mac[ETH_ALEN];	/* MAC of the pod veth's host side (TCB_F_PEER) */
+	__u8 host_mac[ETH_ALEN];	/* MAC of the pod veth's host side */
 	__u16 flags;			/* TCB_F_* */
 	__u32 tap_ifindex;		/* where tcb_from_vm is attached */
 	__u32 nic_ifindex;		/* where tcb_to_vm is attached */
@@ -217,25 +218,32 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, const struct tc
 }
 
 /*
- * Hand a frame from the VM to the host side of the pod veth. The frame
- * skips that side's receive path, where eth_type_trans() would have set
- * its packet type: set it here the same way (for the host side's own MAC
- * PACKET_HOST, else PACKET_OTHERHOST), or the host's stack would drop a
- * frame meant for it as classified on the tap.
+ * Should this frame from the VM go by bpf_redirect_peer()? Handed over by
+ * peer, a frame skips the host side's receive path, where eth_type_trans()
+ * would have set its packet type from its destination MAC. We set that
+ * type ourselves (*pkt_type), but since Linux 6.15 the kernel makes every
+ * peer-redirected frame PACKET_HOST. That is harmless where the host side
+ * is a switch port (OVS's kernel datapath, a bridge: TCB_F_PEER_ALL), which
+ * takes every frame whatever its type. A host side whose own stack sees the
+ * frames gets by peer only those addressed to it (TCB_F_PEER); a frame for
+ * another MAC must arrive there as PACKET_OTHERHOST, so it crosses the veth.
  */
-static __always_inline int tcb_redirect_peer(struct __sk_buff *skb, const struct tcb_config *cfg,
-					     __u32 target, __u32 *pkt_type)
+static __always_inline int tcb_by_peer(struct __sk_buff *skb, const struct tcb_config *cfg, __u32 *pkt_type)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
+	int for_host;
 
-	*pkt_type = PACKET_OTHERHOST;
-	if ((void *)(eth + 1) <= data_end && tcb_mac_eq(eth->h_dest, cfg->host_mac))
-		*pkt_type = PACKET_HOST;
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	for_host = tcb_mac_eq(eth->h_dest, cfg->host_mac);
+	if (!for_host && !(cfg->flags & TCB_F_PEER_ALL))
+		return 0;
+	*pkt_type = for_host ? PACKET_HOST : PACKET_OTHERHOST;
 	if (skb->pkt_type != *pkt_type)
 		bpf_skb_change_type(skb, *pkt_type);
-	return bpf_redirect_peer(target, 0);
+	return 1;
 }
 
 /* Count the verdict and carry it out. The only exit of both programs. */
@@ -258,10 +266,11 @@ static __always_inline int tcb_handle(struct __sk_buff *skb, const __u32 dir)
 			counters->redirect_bytes[dir] += len;
 		}
 #ifndef TCB_NO_PEER
-		if (dir == TCB_DIR_FROM_VM && (cfg->flags & TCB_F_PEER)) {
-			peer = 1;
-			ret = tcb_redirect_peer(skb, cfg, target, &pkt_type);
-		} else
+		if (dir == TCB_DIR_FROM_VM && (cfg->flags & (TCB_F_PEER | TCB_F_PEER_ALL)))
+			peer = tcb_by_peer(skb, cfg, &pkt_type);
+		if (peer)
+			ret = bpf_redirect_peer(target, 0);
+		else
 #endif
 			ret = bpf_redirect(target, 0);
 #ifdef TCB_TEST

@@ -25,7 +25,7 @@ from typing import Iterator
 
 from . import build, features, loader, netdev, netns, tc, tcx
 from .errors import BpfError, BusyError, DeviceError, InputError, TcbError
-from .maps import F_DHCP_TO_BRIDGE, F_PEER, META, AttachmentMaps, Counters, Direction, config_entry, parse_mac
+from .maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, META, AttachmentMaps, Counters, Direction, config_entry, parse_mac
 from .model import (STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, AttachResult, AttachSpec, Record, Status,
                     name_of_pin, pin_id)
 
@@ -130,14 +130,19 @@ def choose_hook(requested: str, found: features.Features) -> str:
     return hook
 
 
-def choose_mode(requested: str, nic: netdev.Link, host: netdev.Link | None, found: features.Features) -> bool:
-    """Whether frames from the VM go by bpf_redirect_peer() straight into the
-    host side of the pod veth. Yes wherever that works; asked for explicitly
-    and impossible is an error, left to us it falls back to bpf_redirect()."""
+def choose_mode(requested: str, nic: netdev.Link, host: netdev.Link | None, found: features.Features) -> str:
+    """How frames from the VM leave (features.MODE_*).
+
+    By bpf_redirect_peer() straight into the host side of the pod veth
+    wherever that works: every frame when the host side is a switch port
+    (it has a master: OVS's kernel datapath, a bridge), else only frames for
+    the host side's own MAC (see tcb_by_peer() in bpf/redirect.c for why).
+    Asked for and impossible is an error; left to us, it falls back to
+    bpf_redirect() through the pod NIC."""
     if requested not in ("", features.MODE_PEER, features.MODE_REDIRECT):
         raise InputError(f"unknown from-VM mode {requested!r}", hint="use peer or redirect")
     if requested == features.MODE_REDIRECT:
-        return False
+        return features.MODE_REDIRECT
     why = ""
     if not found.redirect_peer:
         why = "this kernel has no bpf_redirect_peer() (it came with Linux 5.10)"
@@ -146,12 +151,12 @@ def choose_mode(requested: str, nic: netdev.Link, host: netdev.Link | None, foun
     elif host is None:
         why = f"the host side of {nic.name} cannot be found in another namespace"
     if not why:
-        return True
+        return features.MODE_PEER if host.master else features.MODE_PEER_HOST
     if requested == features.MODE_PEER:
         raise DeviceError(f"cannot hand frames to the host side by peer: {why}",
                           hint="attach with --from-vm redirect (or leave the mode out to fall back by itself)")
     log.info("%s: frames from the VM take bpf_redirect(): %s", nic.name, why)
-    return False
+    return features.MODE_REDIRECT
 
 
 def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
@@ -171,7 +176,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
         with netdev.open_netns(ref.path) as ipr:
             tap, nic, bridge = _devices(netdev.list_links(ipr), spec)
             host = netdev.host_side(ipr, nic)
-            peer = choose_mode(spec.from_vm, nic, host, found)
+            mode = choose_mode(spec.from_vm, nic, host, found)
             old = read_record(pin_dir)
             if old is None and os.path.isdir(pin_dir):
                 log.info("%s: clearing an incomplete earlier attach", spec.name)
@@ -183,7 +188,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
                 bridge=bridge.name, bridge_mac=bridge.mac, mac=spec.mac.lower(), dhcp_to_bridge=spec.dhcp_to_bridge,
                 digest=build.key(which),
                 vmi=spec.vmi, namespace=spec.namespace, iface_id=spec.iface_id, managed_by=spec.managed_by,
-                redirect_peer=peer, host_mac=host.mac if host else "", hook=hook,
+                from_vm=mode, host_mac=host.mac if host else "", hook=hook,
                 attached_at=old.attached_at if old else time.time(),
             )
             if old and old.complete and old.same_wiring(want) and not _problems(ipr, old, pin_dir):
@@ -222,13 +227,14 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
     else:
         action = "refreshed"
     log.info("%s: %s (%s -> %s, %s, %s, from the VM by %s)", spec.name, action, tap.name, nic.name, spec.mac,
-             hook, record.mode)
+             hook, record.from_vm)
     return AttachResult(record, action, time.monotonic() - started)
 
 
 def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: bytes, old: Record | None) -> Record:
     """Fill the maps, then hook the programs in; the record is marked complete last."""
-    flags = (F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0) | (F_PEER if want.redirect_peer else 0)
+    flags = (F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0) | {
+        features.MODE_PEER: F_PEER | F_PEER_ALL, features.MODE_PEER_HOST: F_PEER}.get(want.from_vm, 0)
     bridge_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)
     host_mac = parse_mac(want.host_mac) if want.host_mac else bytes(6)
     with AttachmentMaps(work_dir) as maps, loader.open_programs(work_dir) as progs:

@@ -105,7 +105,9 @@ _namespace_option = click.option("-n", "--namespace", default=DEFAULT_NAMESPACE,
               show_default=True,
               help="How frames from the VM leave: peer hands them straight to the host side of the pod's "
                    "veth (bpf_redirect_peer: skips the veth's queue too), redirect to the pod NIC's egress. "
-                   "auto takes peer wherever it works (a veth pod NIC, Linux 5.10+).")
+                   "auto takes peer wherever it works (a veth pod NIC, Linux 5.10+): for every frame when the "
+                   "host side is a switch port (OVS kernel datapath, a bridge), else for frames to the host "
+                   "side's own MAC (status shows peer-host).")
 @click.option("--netns", metavar="NS", help="Explicit mode: pod network namespace, a name under /var/run/netns "
               "or a path such as /proc/PID/ns/net.")
 @click.option("--tap", metavar="TAP", help="Explicit mode: the VM's tap inside NS (tap0).")
@@ -165,7 +167,7 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
 def _print_result(app: App, prefix: str, result) -> None:
     r = result.record
     app.console.print(f"{prefix}{r.name}: {result.action} ({r.tap} <-> {r.nic}, {r.mac}; {r.hook}, "
-                      f"from the VM by {r.mode}) in {result.seconds * 1000:.0f} ms", highlight=False)
+                      f"from the VM by {r.from_vm}) in {result.seconds * 1000:.0f} ms", highlight=False)
 
 
 def _default_name(netns: str, tap: str) -> str:
@@ -213,8 +215,9 @@ def status(app: App, vmi: str | None, namespace: str | None, as_json: bool) -> N
       stale     a device or ifindex changed (VM restarted?): attach again
       orphaned  the pod's network namespace is gone: detach it
     The path column says where the programs hook in (tcx or clsact) and how
-    frames from the VM leave (peer: straight into the host side of the pod
-    veth; redirect: through the pod NIC).
+    frames from the VM leave: peer (all straight into the host side of the
+    pod veth), peer-host (only those for the host side itself; the rest
+    through the pod NIC) or redirect (all through the pod NIC).
     Exit code 3 when any row shown is not active.
     """
     _require_root(app, "status")
@@ -246,7 +249,7 @@ def status_table(rows: list[Status]) -> Table | str:
         if s.problems:
             state += "\n" + "\n".join(f"[dim]{p}[/]" for p in s.problems)
         table.add_row(f"{r.namespace}/{r.vmi}" if r.vmi else "-", r.iface_id or r.name, r.netns, r.tap, r.nic,
-                      r.mac, f"{r.hook}\n{r.mode}", state,
+                      r.mac, f"{r.hook}\n{r.from_vm}", state,
                       f"{c.redirect_packets['from_vm']} / {_bytes(c.redirect_bytes['from_vm'])}",
                       f"{c.redirect_packets['to_vm']} / {_bytes(c.redirect_bytes['to_vm'])}",
                       passed)

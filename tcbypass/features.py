@@ -33,7 +33,9 @@ BPF_FUNC_REDIRECT_PEER = 155
 
 HOOK_TCX, HOOK_CLSACT = "tcx", "clsact"
 HOOKS = (HOOK_TCX, HOOK_CLSACT)
-MODE_PEER, MODE_REDIRECT = "peer", "redirect"  # how frames from the VM leave
+# How frames from the VM leave: every one by bpf_redirect_peer(), only those
+# for the host side's own MAC (the others by bpf_redirect()), or none.
+MODE_PEER, MODE_PEER_HOST, MODE_REDIRECT = "peer", "peer-host", "redirect"
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:

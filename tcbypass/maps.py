@@ -42,7 +42,8 @@ class Reason(enum.IntEnum):
 
 # tcb_config.flags
 F_DHCP_TO_BRIDGE = 0x1  # leave DHCPv4 to the in-pod server
-F_PEER = 0x2  # from the VM: bpf_redirect_peer() into the pod veth's host side
+F_PEER = 0x2  # from the VM by bpf_redirect_peer(): frames for the host side's own MAC
+F_PEER_ALL = 0x4  # ... every frame (the host side is a switch port)
 
 # TC verdicts (uapi/linux/pkt_cls.h) the program may return, as the u32
 # BPF_PROG_TEST_RUN reports: "continue" (TCX_NEXT on tcx) and redirect.

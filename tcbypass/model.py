@@ -72,7 +72,7 @@ class Record:
     namespace: str = ""
     iface_id: str = ""
     managed_by: str = "cli"
-    redirect_peer: bool = False  # from the VM: bpf_redirect_peer() into the host side
+    from_vm: str = "redirect"  # peer | peer-host | redirect (features.MODE_*)
     host_mac: str = ""  # MAC of the pod veth's host side
     hook: str = "clsact"  # tcx or clsact (attachments of tcbypass 0.1 are all clsact)
     attached_at: float = 0.0
@@ -80,11 +80,6 @@ class Record:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-    @property
-    def mode(self) -> str:
-        """How frames from the VM leave: 'peer' or 'redirect'."""
-        return "peer" if self.redirect_peer else "redirect"
 
     @classmethod
     def from_json(cls, data: dict) -> "Record | None":
@@ -97,7 +92,7 @@ class Record:
     def same_wiring(self, other: "Record") -> bool:
         """Would `other` program the datapath exactly as this one does?"""
         keys = ("netns_id", "tap", "tap_ifindex", "nic", "nic_ifindex", "bridge_mac", "mac", "dhcp_to_bridge",
-                "digest", "vmi", "namespace", "iface_id", "redirect_peer", "host_mac", "hook")
+                "digest", "vmi", "namespace", "iface_id", "from_vm", "host_mac", "hook")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -129,9 +124,8 @@ class Status:
             "mac": r.mac,
             "dhcp_to_bridge": r.dhcp_to_bridge,
             "managed_by": r.managed_by,
-            "redirect_peer": r.redirect_peer,
             "hook": r.hook,
-            "mode": r.mode,
+            "from_vm": r.from_vm,
             "state": self.state,
             "problems": list(self.problems),
             "counters": self.counters.to_json(),

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tcbypass import attachments, loader
-from tcbypass.lab.sandbox import Sandbox, sh
+from tcbypass import attachments, bpfsys, loader, netns
+from tcbypass.lab.sandbox import NETNS_DIR, Sandbox, sh
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -37,12 +40,75 @@ def pins(containing: str = "") -> set[str]:
         return set()
 
 
-def tc_state(netns: str, dev: str) -> str:
-    """Everything tc shows on a device: qdiscs and filters both ways."""
-    out = [sh("tc", "qdisc", "show", "dev", dev, netns=netns).stdout]
+def tcx_programs(ns: str, dev: str) -> list[str]:
+    """Names of the programs on a device's tcx ingress, in running order."""
+    def body() -> list[str]:
+        names = []
+        for prog_id in bpfsys.tcx_programs(socket.if_nametoindex(dev)):
+            fd = bpfsys.prog_fd_by_id(prog_id)
+            try:
+                names.append(bpfsys.prog_info(fd).name)
+            finally:
+                os.close(fd)
+        return names
+    return netns.run_in(f"{NETNS_DIR}/{ns}", body)
+
+
+def tc_state(ns: str, dev: str) -> str:
+    """Every hook on a device: qdiscs, filters both ways, and tcx programs."""
+    out = [sh("tc", "qdisc", "show", "dev", dev, netns=ns).stdout]
     for hook in ("ingress", "egress"):
-        out.append(sh("tc", "filter", "show", "dev", dev, hook, netns=netns, check=False).stdout)
+        out.append(sh("tc", "filter", "show", "dev", dev, hook, netns=ns, check=False).stdout)
+    out.append("tcx ingress: " + " ".join(tcx_programs(ns, dev)))
     return "\n".join(out)
+
+
+def ours_on(ns: str, dev: str) -> bool:
+    """Does a tcbypass program sit on the device (a tcx link or a clsact filter)?"""
+    state = tc_state(ns, dev)
+    return "tcbypass:" in state or "tcb_from_vm" in state or "tcb_to_vm" in state
+
+
+# --- raw frames -------------------------------------------------------------------
+def send_frames(ns: str, dev: str, frames: list[bytes]) -> None:
+    """Put each frame on the wire of `dev` in `ns`, as it is (AF_PACKET)."""
+    def body() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+            sock.bind((dev, 0))
+            for frame in frames:
+                sock.send(frame)
+    netns.run_in(f"{NETNS_DIR}/{ns}", body)
+
+
+class Capture:
+    """Frames received on `dev` in `ns` from now on (AF_PACKET, every protocol)."""
+
+    def __init__(self, ns: str, dev: str):
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            sock.bind((dev, 0))
+            return sock
+        self.sock = netns.run_in(f"{NETNS_DIR}/{ns}", make)  # a socket keeps its namespace
+
+    def frames(self, want: int, timeout: float = 2.0, match=lambda frame, pkt_type: True) -> list[tuple[bytes, int]]:
+        """Up to `want` received frames that `match`, as (frame, packet type)."""
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < want and (left := deadline - time.monotonic()) > 0:
+            if not select.select([self.sock], [], [], left)[0]:
+                break
+            data, addr = self.sock.recvfrom(65535)
+            if addr[2] != socket.PACKET_OUTGOING and match(data, addr[2]):
+                got.append((data, addr[2]))
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def detach_sandbox_attachments(sb: Sandbox) -> set[str]:

@@ -18,7 +18,7 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Dot1Q
 from scapy.packet import Raw
 
-from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, PACKET_HOST, PACKET_OTHERHOST, Direction, Reason, config_entry
+from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, PACKET_HOST, PACKET_OTHERHOST, Direction, Reason, config_entry
 
 from .pktgen import (
     ADDR,
@@ -262,37 +262,50 @@ def test_from_vm_frame_passes_as_no_target_once_the_nic_is_deleted(private_dp):
 
 
 # --- from the VM by bpf_redirect_peer() -------------------------------------------------
-def test_from_vm_frame_for_the_host_side_goes_by_peer_as_packet_host(dp):
-    """With F_PEER the frame is handed to the NIC's peer (the host side of
-    the pod veth) and, addressed to that side's own MAC, becomes PACKET_HOST,
-    as eth_type_trans() would have made it there."""
-    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
-    frame = bytes(from_vm(dst=ADDR.host_mac) / IP(src=ADDR.vm_ip, dst=ADDR.peer_ip) / TCP(sport=40000, dport=80))
-    dp.from_vm(frame).expect_peer_redirect(to=dp.pod.nic, pkt_type=PACKET_HOST)
+def frame_for_the_host_side() -> bytes:
+    return bytes(from_vm(dst=ADDR.host_mac) / IP(src=ADDR.vm_ip, dst=ADDR.peer_ip) / TCP(sport=40000, dport=80))
 
 
-def test_from_vm_frame_for_another_host_goes_by_peer_as_packet_otherhost(dp):
-    """A frame for the gateway or another pod (OVS switches it) stays
-    PACKET_OTHERHOST, so the host's own stack would not take it."""
-    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+@pytest.mark.parametrize("flags", [F_PEER, F_PEER | F_PEER_ALL], ids=["peer-host", "peer"])
+def test_from_vm_frame_for_the_host_side_goes_by_peer_as_packet_host(dp, flags):
+    """Handed to the NIC's peer (the host side of the pod veth), addressed to
+    that side's own MAC, the frame becomes PACKET_HOST, as eth_type_trans()
+    would have made it there."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | flags)
+    dp.from_vm(frame_for_the_host_side()).expect_peer_redirect(to=dp.pod.nic, pkt_type=PACKET_HOST)
+
+
+def test_from_vm_frame_for_another_host_goes_by_peer_as_otherhost_to_a_switch_port(dp):
+    """F_PEER_ALL (the host side is a switch port): a frame for the gateway or
+    another pod goes by peer too, typed PACKET_OTHERHOST."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER | F_PEER_ALL)
     dp.from_vm(tcp_from_vm()).expect_peer_redirect(to=dp.pod.nic, pkt_type=PACKET_OTHERHOST)
+
+
+def test_from_vm_frame_for_another_host_crosses_the_veth_when_the_host_stack_sees_it(dp):
+    """F_PEER alone (the host side's own stack sees its frames): a frame for
+    another MAC goes through the pod NIC, where the kernel types it
+    PACKET_OTHERHOST on arrival whatever its version does to peer redirects."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    dp.from_vm(tcp_from_vm()).expect_redirect(to=dp.pod.nic)
 
 
 def test_to_vm_frames_never_go_by_peer(dp):
     """A tap has no peer: towards the VM it is always bpf_redirect() to the tap's egress."""
-    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
-    dp.to_vm(tcp_to_vm()).expect_redirect(to=dp.pod.tap)
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER | F_PEER_ALL)
+    frame = bytes(to_vm(src=ADDR.host_mac) / IP(src=ADDR.peer_ip, dst=ADDR.vm_ip) / TCP(sport=80, dport=40000))
+    dp.to_vm(frame).expect_redirect(to=dp.pod.tap)
 
 
 def test_peer_mode_leaves_what_it_does_not_redirect_to_the_bridge(dp):
-    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER | F_PEER_ALL)
     dp.from_vm(dhcp_request_from_vm()).expect_pass(Reason.DHCP)
     frame = bytes(from_vm(dst=BROADCAST) / ARP(op=1, hwsrc=ADDR.vm_mac, psrc=ADDR.vm_ip, pdst=ADDR.peer_ip))
     dp.from_vm(frame).expect_pass(Reason.MULTICAST)
 
 
-def test_a_build_without_redirect_peer_redirects_plainly_even_with_the_flag(no_peer_dp):
+def test_a_build_without_redirect_peer_redirects_plainly_even_with_the_flags(no_peer_dp):
     """TCB_NO_PEER (kernels before 5.10) leaves bpf_redirect_peer() out;
-    the flag is then ignored, and frames still take the fast path."""
-    no_peer_dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
-    no_peer_dp.from_vm(tcp_from_vm()).expect_redirect(to=no_peer_dp.pod.nic)
+    the flags are then ignored, and frames still take the fast path."""
+    no_peer_dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER | F_PEER_ALL)
+    no_peer_dp.from_vm(frame_for_the_host_side()).expect_redirect(to=no_peer_dp.pod.nic)

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from tcbypass import attachments, loader, vmi
+from tcbypass import attachments, vmi
 from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import pins
 
@@ -91,8 +91,6 @@ def report(capsys, text: str) -> None:
 
 
 def test_new_vm_port_is_attached(node, agent, capsys):
-    # An idle node: the agent has precompiled its spare instance.
-    agent.wait_for(lambda: loader.spare_count() >= 1, "spare instance ready")
     [nic] = node.add_vm("vm1", ["10.16.0.5"], namespace="prod")
     took = agent.wait_for(lambda: state_of("vm1") == ["active"], "vm1 active")
     report(capsys, f"new VM port attached {took * 1000:.0f} ms after the pod was wired")

@@ -3,6 +3,9 @@
 The VM side is a veth standing in for the tap (a tap needs a process behind
 it; tests/vm uses a real qemu guest). With the bridge made unable to forward
 unicast, only the fast path can carry the VM's traffic.
+
+Every test runs with both hooks: tcx links (the default where the kernel
+has tcx) and clsact filters (the fallback), which must behave the same.
 """
 
 from __future__ import annotations
@@ -10,22 +13,22 @@ from __future__ import annotations
 import pytest
 
 from tcbypass.lab.sandbox import ping, sh, tcp_transfer, wait_for_ping
-from tests.conftest import pins, run_cli, status_json, tc_state
+from tests.conftest import ours_on, pins, run_cli, status_json, tc_state
 
 SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
 
 
-@pytest.fixture
-def pod(bare_node):
+@pytest.fixture(params=["tcx", "clsact"])
+def pod(bare_node, request):
     [nic] = bare_node.add_vm("vm1", [VM_IP])
     bare_node.serve_on_host_port(nic, SERVER_IP)
     assert wait_for_ping(nic.vm_ns, SERVER_IP), "the bridge path must work before any test"
-    return bare_node, nic
+    return bare_node, nic, request.param
 
 
-def attach_args(sb, nic, *extra):
+def attach_args(sb, nic, hook, *extra):
     return ("attach", "--netns", sb.netns_path(nic.pod_ns), "--tap", nic.tap, "--nic", nic.nic,
-            "--mac", nic.mac, "--name", f"t-{sb.tag}", *extra)
+            "--mac", nic.mac, "--name", f"t-{sb.tag}", "--hook", hook, *extra)
 
 
 def counters(name):
@@ -34,11 +37,11 @@ def counters(name):
 
 
 def test_fast_path_carries_ping_and_tcp_only_while_attached(pod):
-    sb, nic = pod
+    sb, nic, hook = pod
     sb.block_bridge_unicast(nic)
     assert ping(nic.vm_ns, SERVER_IP, count=2)[1] == 0, "the blocked bridge must not forward unicast"
 
-    proc = run_cli(*attach_args(sb, nic))
+    proc = run_cli(*attach_args(sb, nic, hook))
     assert proc.returncode == 0, proc.stderr
     assert "attached" in proc.stdout
     assert ping(nic.vm_ns, SERVER_IP, count=5) == (5, 5)
@@ -49,9 +52,9 @@ def test_fast_path_carries_ping_and_tcp_only_while_attached(pod):
 
 
 def test_broadcast_arp_still_crosses_the_bridge(pod):
-    sb, nic = pod
+    sb, nic, hook = pod
     sb.block_bridge_unicast(nic)
-    assert run_cli(*attach_args(sb, nic)).returncode == 0
+    assert run_cli(*attach_args(sb, nic, hook)).returncode == 0
     sh("ip", "neigh", "flush", "all", netns=nic.vm_ns)
     sh("ip", "neigh", "flush", "all", netns=sb.node)
     before = counters(f"t-{sb.tag}")["passed_packets"]["multicast"]
@@ -60,9 +63,9 @@ def test_broadcast_arp_still_crosses_the_bridge(pod):
 
 
 def test_counters_match_the_packets_sent(pod):
-    sb, nic = pod
+    sb, nic, hook = pod
     sb.pin_neighbours(nic, SERVER_IP)
-    assert run_cli(*attach_args(sb, nic)).returncode == 0
+    assert run_cli(*attach_args(sb, nic, hook)).returncode == 0
     assert ping(nic.vm_ns, SERVER_IP, count=50, interval=0.01) == (50, 50)
     c = counters(f"t-{sb.tag}")
     assert c["redirected_packets"] == {"from_vm": 50, "to_vm": 50}
@@ -71,11 +74,11 @@ def test_counters_match_the_packets_sent(pod):
 
 
 def test_attaching_twice_gives_the_same_state(pod):
-    sb, nic = pod
-    first = run_cli(*attach_args(sb, nic))
+    sb, nic, hook = pod
+    first = run_cli(*attach_args(sb, nic, hook))
     assert first.returncode == 0 and "attached" in first.stdout
     state = (pins(sb.tag), tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic))
-    second = run_cli(*attach_args(sb, nic))
+    second = run_cli(*attach_args(sb, nic, hook))
     assert second.returncode == 0
     assert "unchanged" in second.stdout
     assert (pins(sb.tag), tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic)) == state
@@ -84,40 +87,42 @@ def test_attaching_twice_gives_the_same_state(pod):
 
 
 def test_detach_removes_every_filter_and_pin_of_ours(pod):
-    sb, nic = pod
-    assert run_cli(*attach_args(sb, nic)).returncode == 0
-    assert "tcbypass" in tc_state(nic.pod_ns, nic.tap) and "tcbypass" in tc_state(nic.pod_ns, nic.nic)
+    sb, nic, hook = pod
+    assert run_cli(*attach_args(sb, nic, hook)).returncode == 0
+    assert ours_on(nic.pod_ns, nic.tap) and ours_on(nic.pod_ns, nic.nic)
     for _ in range(2):
         proc = run_cli("detach", f"t-{sb.tag}")
         assert proc.returncode == 0, proc.stderr
     assert "not attached" in proc.stdout
     for dev in (nic.tap, nic.nic):
         state = tc_state(nic.pod_ns, dev)
-        assert "filter" not in state and "clsact" in state, "our filters go; the empty clsact stays"
+        assert not ours_on(nic.pod_ns, dev) and "filter" not in state
+        # A clsact we added stays, empty (removing it can drop a frame); tcx added none.
+        assert ("clsact" in state) == (hook == "clsact")
     assert not pins(sb.tag)
     assert ping(nic.vm_ns, SERVER_IP, count=2) == (2, 2)
 
 
 def test_detach_with_remove_qdisc_restores_tc_exactly(pod):
-    sb, nic = pod
+    sb, nic, hook = pod
     before = (tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic), pins(sb.tag))
-    assert run_cli(*attach_args(sb, nic)).returncode == 0
+    assert run_cli(*attach_args(sb, nic, hook)).returncode == 0
     assert run_cli("detach", f"t-{sb.tag}").returncode == 0
-    assert run_cli(*attach_args(sb, nic)).returncode == 0, "re-attach over our own leftover clsact"
+    assert run_cli(*attach_args(sb, nic, hook)).returncode == 0, "re-attach over what detach left"
     assert run_cli("detach", f"t-{sb.tag}", "--remove-qdisc").returncode == 0
     assert (tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic), pins(sb.tag)) == before
     assert ping(nic.vm_ns, SERVER_IP, count=2) == (2, 2)
 
 
 def test_foreign_filter_survives_attach_and_detach(pod):
-    sb, nic = pod
+    sb, nic, hook = pod
     sh("tc", "qdisc", "add", "dev", nic.tap, "clsact", netns=nic.pod_ns)
     # Another tool's u32 classifier, ahead of ours; it matches nothing here, so frames go on to ours.
     sh("tc", "filter", "add", "dev", nic.tap, "ingress", "prio", "1", "protocol", "all", "u32",
        "match", "u32", "0xdeadbeef", "0xffffffff", "at", "0", "classid", "1:1", netns=nic.pod_ns)
     foreign = tc_state(nic.pod_ns, nic.tap)
     sb.block_bridge_unicast(nic)
-    assert run_cli(*attach_args(sb, nic)).returncode == 0
+    assert run_cli(*attach_args(sb, nic, hook)).returncode == 0
     assert "u32" in tc_state(nic.pod_ns, nic.tap)
     assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3), "ours must work beside the foreign filter"
     assert run_cli("detach", f"t-{sb.tag}", "--remove-qdisc").returncode == 0
@@ -125,10 +130,10 @@ def test_foreign_filter_survives_attach_and_detach(pod):
 
 
 def test_dhcp_passthrough_can_be_turned_off_for_managed_tap(pod):
-    sb, nic = pod
-    assert run_cli(*attach_args(sb, nic, "--no-dhcp-passthrough")).returncode == 0
+    sb, nic, hook = pod
+    assert run_cli(*attach_args(sb, nic, hook, "--no-dhcp-passthrough")).returncode == 0
     [row] = [r for r in status_json() if r["name"] == f"t-{sb.tag}"]
-    assert row["dhcp_to_bridge"] is False
+    assert row["dhcp_to_bridge"] is False and row["hook"] == hook
 
 
 @pytest.mark.parametrize("change, message, code", [
@@ -140,8 +145,8 @@ def test_dhcp_passthrough_can_be_turned_off_for_managed_tap(pod):
     ({"--name": "bad/name"}, "invalid attachment name", 2),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(pod, change, message, code):
-    sb, nic = pod
-    args = list(attach_args(sb, nic))
+    sb, nic, hook = pod
+    args = list(attach_args(sb, nic, hook))
     for flag, value in change.items():
         args[args.index(flag) + 1] = value
     before = (pins(sb.tag), tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic))

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+import time
+
 import pytest
 
 from tcbypass.lab.sandbox import mac_of, ping, sh, tcp_transfer, wait_for_ping
@@ -237,20 +239,66 @@ def test_not_root_is_refused(node):
     assert_one_line_error(proc, 1, "needs root", "sudo")
 
 
-def test_redirect_peer_variant_carries_traffic_through_ovs(node):
-    """The opt-in bpf_redirect_peer build hands the VM's frames to the OVS port directly;
-    OVS switches them whatever their pkt_type, so ping and TCP work with the bridge blocked."""
+def ovs_rx_packets(sb, port: str) -> int:
+    """Frames OVS's datapath received on `port` (live, not the 5-second OVSDB statistics)."""
+    out = sh("ovs-appctl", "-t", f"{sb.run_dir}/ovs-vswitchd.ctl", "dpctl/show", "-s").stdout
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("port ") and line.split(":", 1)[1].split()[0] == port:
+            for follow in lines[i + 1:]:
+                if "RX packets:" in follow:
+                    return int(follow.split("RX packets:")[1].split()[0])
+    raise AssertionError(f"port {port} not in the datapath:\n{out}")
+
+
+@pytest.mark.parametrize("mode", ["auto", "redirect"])
+def test_both_from_vm_modes_carry_traffic_through_ovs(node, mode):
+    """With OVS's userspace datapath the host side of the pod veth is no switch
+    port in the kernel (OVS reads it through a packet socket, and the node's
+    stack sees its frames too), so auto takes peer-host: only frames for the
+    host side's own MAC go by peer, the rest through the pod NIC. Either
+    way OVS receives every frame and switches it to the server pod, so ping
+    and TCP work with the bridge blocked; switching modes is a refresh."""
     sb, server = node
     [nic] = sb.add_vm("vmp", ["10.16.0.20"], namespace="prod")
     assert wait_for_ping(nic.vm_ns, SERVER_IP)
     sb.block_bridge_unicast(nic)
-    proc = cli(sb, "attach", "vmp", "-n", "prod", "--redirect-peer")
+    proc = cli(sb, "attach", "vmp", "-n", "prod", *(() if mode == "auto" else ("--from-vm", mode)))
     assert proc.returncode == 0, proc.stderr
-    assert ping(nic.vm_ns, SERVER_IP, count=5) == (5, 5)
-    assert tcp_transfer(nic.vm_ns, server, SERVER_IP, 1 << 20) == 1 << 20
     [row] = rows(sb, "vmp", "prod")
-    assert row["redirect_peer"] is True and row["counters"]["redirected_packets"]["from_vm"] >= 5
-    # Switching back to the default build replaces the instance in place.
-    proc = cli(sb, "attach", "vmp", "-n", "prod")
-    assert proc.returncode == 0 and "replaced" in proc.stdout
+    assert (row["from_vm"], row["hook"]) == ("peer-host" if mode == "auto" else "redirect", "tcx")
+    rx = ovs_rx_packets(sb, nic.host_port)
+    assert ping(nic.vm_ns, SERVER_IP, count=5) == (5, 5)
+    assert ovs_rx_packets(sb, nic.host_port) >= rx + 5, "OVS received the echo requests on the pod's port"
+    assert tcp_transfer(nic.vm_ns, server, SERVER_IP, 1 << 20) == 1 << 20
+    assert rows(sb, "vmp", "prod")[0]["counters"]["redirected_packets"]["from_vm"] >= 5
+    other = "redirect" if mode == "auto" else "peer"
+    proc = cli(sb, "attach", "vmp", "-n", "prod", "--from-vm", other)
+    assert proc.returncode == 0 and "refreshed" in proc.stdout, proc.stdout
+    assert rows(sb, "vmp", "prod")[0]["from_vm"] == ("redirect" if other == "redirect" else "peer-host")
     assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3)
+
+
+def test_frames_handed_over_by_peer_reach_ovs(node):
+    """Frames for the host side's own MAC are the ones peer-host hands over by
+    peer: OVS's packet socket still receives each of them on the pod's port."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from tests.conftest import send_frames
+
+    sb, _ = node
+    [nic] = sb.add_vm("vmq", ["10.16.0.21"], namespace="prod")
+    assert wait_for_ping(nic.vm_ns, SERVER_IP)
+    assert cli(sb, "attach", "vmq", "-n", "prod").returncode == 0
+    host_mac = mac_of(sb.node, nic.host_port)
+    frames = [bytes(Ether(src=nic.mac, dst=host_mac) / IP(src="10.16.0.21", dst=SERVER_IP) / UDP(dport=9000 + i))
+              for i in range(20)]
+    before = rows(sb, "vmq", "prod")[0]["counters"]["redirected_packets"]["from_vm"]
+    rx = ovs_rx_packets(sb, nic.host_port)
+    send_frames(nic.vm_ns, nic.vm_dev, frames)
+    deadline = time.monotonic() + 2
+    while ovs_rx_packets(sb, nic.host_port) < rx + 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ovs_rx_packets(sb, nic.host_port) >= rx + 20
+    assert rows(sb, "vmq", "prod")[0]["counters"]["redirected_packets"]["from_vm"] == before + 20

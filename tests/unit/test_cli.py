@@ -21,7 +21,7 @@ def record(name="vm1.prod", **changes) -> Record:
     base = dict(name=name, netns="/var/run/netns/p", netns_id="4:100", tap="tap0", tap_ifindex=5, nic="eth0-nic",
                 nic_ifindex=3, bridge="k6t-eth0", bridge_mac="0a:bb:00:00:00:03", mac="0a:00:00:00:00:05",
                 dhcp_to_bridge=True, digest="abc", vmi="vm1", namespace="prod", iface_id=name, complete=True,
-                hook="tcx", redirect_peer=True, host_mac="0a:cc:00:00:00:01")
+                hook="tcx", from_vm="peer", host_mac="0a:cc:00:00:00:01")
     return Record(**(base | changes))
 
 

@@ -11,7 +11,7 @@ import pytest
 from tcbypass import build
 import ctypes
 
-from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, ConfigEntry, CountersEntry, Direction, Reason
+from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, ConfigEntry, CountersEntry, Direction, Reason
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def test_counter_arrays_have_one_slot_per_reason_and_direction(source):
 def test_config_flags_match(source):
     assert c_define(source, "TCB_F_DHCP_TO_BRIDGE") == F_DHCP_TO_BRIDGE
     assert c_define(source, "TCB_F_PEER") == F_PEER
+    assert c_define(source, "TCB_F_PEER_ALL") == F_PEER_ALL
 
 
 def c_struct_fields(source: str, name: str) -> list[tuple[str, str, int]]:
