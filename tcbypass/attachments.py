@@ -199,13 +199,12 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
             if fresh:
                 loader.remove_pins(work_dir)
                 loader.load_and_pin(work_dir, which)
-                if work_dir != pin_dir:
-                    tcx.move(pin_dir, work_dir)  # the live links: swapped to the new programs in place
             try:
-                record = _program(ipr, ref, work_dir, want, vm_mac, old)
+                record = _program(ipr, ref, work_dir, pin_dir, want, vm_mac)
                 for gone in {old.tap_ifindex, old.nic_ifindex} - {tap.index, nic.index} if old else ():
                     tc.forget_clsact(old.netns_id, gone)  # the old tap went, and its qdisc with it
                 if work_dir != pin_dir:
+                    tcx.move(pin_dir, work_dir)  # the links now run the new programs: they go with them
                     loader.remove_pins(pin_dir)
                     os.rename(work_dir, pin_dir)
                 _forget_legacy(ipr, spec.name)
@@ -231,8 +230,11 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
     return AttachResult(record, action, time.monotonic() - started)
 
 
-def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: bytes, old: Record | None) -> Record:
-    """Fill the maps, then hook the programs in; the record is marked complete last."""
+def _program(ipr, ref: netns.NetnsRef, work_dir: str, link_dir: str, want: Record, vm_mac: bytes) -> Record:
+    """Fill the maps of the instance in `work_dir`, then hook its programs in;
+    the record is marked complete last. tcx links stay pinned in `link_dir`
+    (the attachment's directory) while their programs are swapped in place,
+    so that status sees a half-done swap as it is."""
     flags = (F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0) | {
         features.MODE_PEER: F_PEER | F_PEER_ALL, features.MODE_PEER_HOST: F_PEER}.get(want.from_vm, 0)
     bridge_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)
@@ -250,7 +252,7 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: byte
         hooks = ((Direction.FROM_VM, want.tap_ifindex, progs.from_vm), (Direction.TO_VM, want.nic_ifindex, progs.to_vm))
         if want.hook == features.HOOK_TCX:
             for direction, ifindex, prog in hooks:
-                tcx.ensure(work_dir, direction, ref.path, ifindex, prog)
+                tcx.ensure(link_dir, direction, ref.path, ifindex, prog)
                 failpoint("tap-hooked")
             # Our tcx links run before any clsact filter: only now take off the
             # filters an earlier clsact attachment left (this version's or an older one's).
@@ -263,7 +265,7 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, want: Record, vm_mac: byte
                 tc.set_filter(ipr, ifindex, prog, name)
                 failpoint("tap-hooked")
             for direction in Direction:  # a switch from tcx: the filters are in, now the links go
-                tcx.remove(work_dir, direction)
+                tcx.remove(link_dir, direction)
         record = dataclasses.replace(want, complete=True)
         maps.write_record(record.to_json())
     return record
@@ -382,19 +384,16 @@ def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
         elif link.index != ifindex:
             problems.append(f"{role} {name} is now ifindex {link.index} (was {ifindex})")
         if record.hook == features.HOOK_TCX:
-            try:
-                ours = tcx.read(pin_dir, direction)
-            except OSError as exc:
-                problems.append(f"our tcx link on {name} cannot be read ({exc.strerror})")
-                continue
-            if ours is None:
+            # Read from the device's side (BPF_PROG_QUERY), not by opening the
+            # link pin: a link opens read-write only, and status must work on
+            # a read-only bpffs too.
+            pinned = os.path.exists(tcx.pin_of(pin_dir, direction))
+            if not pinned:
                 problems.append(f"our tcx link on {name} is missing")
-            elif ours.defunct:
+            elif link is None or link.index != ifindex:
                 problems.append(f"our tcx link on {name} is defunct (its device was deleted)")
-            elif ours.ifindex != ifindex:
-                problems.append(f"our tcx link for {name} sits on ifindex {ours.ifindex}")
-            elif prog_ids[direction] and ours.prog_id != prog_ids[direction]:
-                problems.append(f"our tcx link on {name} runs another program instance")
+            elif prog_ids[direction] not in tcx.programs_on(record.netns, ifindex):
+                problems.append(f"our program is not on {name}'s tcx hook")
         elif link is not None and link.index == ifindex:
             ours_filter = tc.our_filter(ipr, ifindex)
             if ours_filter is None:

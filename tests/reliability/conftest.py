@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -31,6 +32,7 @@ from typing import Iterator
 import pytest
 
 from tcbypass import attachments, bpfsys, loader, maps
+from tcbypass import netns as netns_mod
 from tcbypass.maps import AttachmentMaps, Direction
 from tcbypass.model import AttachSpec, Record
 from tcbypass.lab.sandbox import VmNic, sh, wait_for_ping
@@ -74,6 +76,7 @@ def pin_root_at(bpffs: str) -> Iterator[str]:
         mp.setenv("TCBYPASS_BPFFS", bpffs)
         mp.setattr(loader, "BPFFS", bpffs)
         mp.setattr(loader, "PIN_ROOT", f"{bpffs}/tcbypass/{loader.PIN_VERSION}")
+        mp.setattr(loader, "LEGACY_ROOTS", (f"{bpffs}/tcbypass/v1",))
         yield loader.PIN_ROOT
 
 
@@ -85,7 +88,7 @@ def private_bpffs() -> Iterator[str]:
 
 
 def pin_entries() -> set[str]:
-    """Everything under PIN_ROOT (attachments, staging, spares, junk)."""
+    """Everything under PIN_ROOT (attachments, staging, junk)."""
     try:
         return set(os.listdir(loader.PIN_ROOT))
     except FileNotFoundError:
@@ -139,8 +142,11 @@ class InstanceIds:
 
 
 def instance_ids(pin_dir: str) -> InstanceIds:
+    """Programs and maps of the instance pinned in `pin_dir` (its tcx link pins left out)."""
     progs, found_maps = {}, {}
     for entry in sorted(os.listdir(pin_dir)):
+        if entry.startswith("link_"):
+            continue
         fd = bpfsys.obj_get(f"{pin_dir}/{entry}")
         try:
             (progs if entry in (maps.PROG_FROM_VM, maps.PROG_TO_VM) else found_maps)[entry] = object_id(fd)
@@ -177,6 +183,26 @@ def our_filter_prog_ids(netns: str, dev: str) -> list[int]:
             if f["kind"] == "bpf" and f["options"].get("bpf_name", "").startswith("tcbypass")]
 
 
+def our_tcx_prog_ids(netns: str, dev: str) -> list[int]:
+    """Ids of our programs (tcb_from_vm, tcb_to_vm) on the device's tcx ingress."""
+    def body() -> list[int]:
+        found = []
+        for prog_id in bpfsys.tcx_programs(socket.if_nametoindex(dev)):
+            fd = bpfsys.prog_fd_by_id(prog_id)
+            try:
+                if bpfsys.prog_info(fd).name in (maps.PROG_FROM_VM, maps.PROG_TO_VM):
+                    found.append(prog_id)
+            finally:
+                os.close(fd)
+        return found
+    return netns_mod.run_in(f"/var/run/netns/{netns}", body)
+
+
+def our_hooks(netns: str, dev: str) -> tuple[int, ...]:
+    """Program ids of ours that run on the device: tcx links, then clsact filters."""
+    return tuple(our_tcx_prog_ids(netns, dev) + our_filter_prog_ids(netns, dev))
+
+
 @dataclass(frozen=True)
 class Observed:
     """One attachment as the kernel and bpffs hold it right now."""
@@ -185,48 +211,51 @@ class Observed:
     staging: bool
     record: Record | None
     progs: tuple | None  # pinned (from_vm, to_vm) program ids
-    ports: frozenset | None  # tcb_ports keys
+    devices: tuple | None  # tcb_config (tap_ifindex, nic_ifindex)
     targets: tuple | None  # tcb_egress (from_vm, to_vm)
-    tap_filters: tuple  # program ids of our filters on the tap
-    nic_filters: tuple
+    tap_hooks: tuple  # program ids of ours hooked on the tap (tcx or clsact)
+    nic_hooks: tuple
     tap_ifindex: int | None
     nic_ifindex: int | None
 
 
 def observe(name: str, nic: VmNic) -> Observed:
     pin_dir = attachments.pin_dir_of(name)
-    record = progs = ports = targets = None
+    record = progs = configured = targets = None
     present = os.path.isdir(pin_dir)
     if present:
         record = attachments.read_record(pin_dir)
         ids = instance_ids(pin_dir)
         progs = (ids.progs.get(maps.PROG_FROM_VM), ids.progs.get(maps.PROG_TO_VM))
         with AttachmentMaps(pin_dir) as m:
-            ports = frozenset(m.port_ifindexes())
+            config = m.config()
+            configured = (config.tap_ifindex, config.nic_ifindex)
             targets = (m.target(Direction.FROM_VM), m.target(Direction.TO_VM))
     devices = links(nic.pod_ns)
     return Observed(
         pin_dir=present, staging=os.path.isdir(pin_dir + attachments.STAGING), record=record, progs=progs,
-        ports=ports, targets=targets,
-        tap_filters=tuple(our_filter_prog_ids(nic.pod_ns, nic.tap)) if nic.tap in devices else (),
-        nic_filters=tuple(our_filter_prog_ids(nic.pod_ns, nic.nic)) if nic.nic in devices else (),
+        devices=configured, targets=targets,
+        tap_hooks=our_hooks(nic.pod_ns, nic.tap) if nic.tap in devices else (),
+        nic_hooks=our_hooks(nic.pod_ns, nic.nic) if nic.nic in devices else (),
         tap_ifindex=devices.get(nic.tap), nic_ifindex=devices.get(nic.nic))
 
 
 def assert_one_attachment_or_none(name: str, nic: VmNic) -> str:
-    """Maps, pins and filters agree: either one complete attachment whose
-    pinned programs are the ones our filters run, or nothing of ours at all.
-    Returns "active" or "none"."""
+    """Maps, pins and hooks agree: either one complete attachment whose pinned
+    programs are the ones that run on its devices (once each, by the hook its
+    record names), or nothing of ours at all. Returns "active" or "none"."""
     o = observe(name, nic)
     assert not o.staging, f"{name}: a staging directory was left behind"
     if not o.pin_dir:
-        assert (o.tap_filters, o.nic_filters) == ((), ()), f"{name}: filters without pins: {o}"
+        assert (o.tap_hooks, o.nic_hooks) == ((), ()), f"{name}: hooks without pins: {o}"
         return "none"
     assert o.record is not None and o.record.complete, f"{name}: pins without a complete record: {o}"
     assert (o.record.tap_ifindex, o.record.nic_ifindex) == (o.tap_ifindex, o.nic_ifindex), o
-    assert o.tap_filters == (o.progs[0],), f"{name}: the tap runs {o.tap_filters}, pinned is {o.progs[0]}"
-    assert o.nic_filters == (o.progs[1],), f"{name}: the NIC runs {o.nic_filters}, pinned is {o.progs[1]}"
-    assert o.ports == {o.tap_ifindex, o.nic_ifindex}, o
+    assert o.tap_hooks == (o.progs[0],), f"{name}: the tap runs {o.tap_hooks}, pinned is {o.progs[0]}"
+    assert o.nic_hooks == (o.progs[1],), f"{name}: the NIC runs {o.nic_hooks}, pinned is {o.progs[1]}"
+    by_tcx = tuple(our_tcx_prog_ids(nic.pod_ns, nic.tap)) == o.tap_hooks
+    assert by_tcx == (o.record.hook == "tcx"), f"{name}: recorded hook {o.record.hook}, runs {o}"
+    assert o.devices == (o.tap_ifindex, o.nic_ifindex), o
     assert o.targets == (o.nic_ifindex, o.tap_ifindex), o
     status = attachments.status_of(name)
     assert status is not None and status.state == "active", status

@@ -27,7 +27,7 @@ from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import run_cli, tc_state
 
 from .conftest import (assert_one_attachment_or_none, assert_one_line_error, explicit_args, mounted_bpffs,
-                       our_filter_prog_ids, pin_entries, report, status_rows)
+                       our_hooks, pin_entries, report, status_rows)
 
 pytestmark = pytest.mark.root
 
@@ -156,7 +156,7 @@ def test_bpffs_read_only_before_the_first_attach(pod):
     with mounted_bpffs(read_only=True) as where:
         listing = sorted(os.listdir(where))  # a fresh bpffs may hold the kernel's maps.debug / progs.debug
         proc = run_cli(*explicit_args(sb, nic, f"r-{sb.tag}"), env={"TCBYPASS_BPFFS": where})
-        assert_one_line_error(proc, 1, f"cannot create {where}/tcbypass/v1 (Read-only file system)",
+        assert_one_line_error(proc, 1, f"cannot create {where}/tcbypass/{loader.PIN_VERSION} (Read-only file system)",
                               f"mount -o remount,rw {where}")
         assert sorted(os.listdir(where)) == listing
     assert snapshot(nic) == before
@@ -182,8 +182,8 @@ def test_bpffs_read_only_under_an_attachment_changes_nothing(pod, capsys):
     sb, nic = pod
     name = f"ro-{sb.tag}"
     with attached_then_read_only(sb, nic, name) as (where, env):
-        pins_before = sorted(os.listdir(f"{where}/tcbypass/v1/{name}"))
-        filters = (our_filter_prog_ids(nic.pod_ns, nic.tap), our_filter_prog_ids(nic.pod_ns, nic.nic))
+        pins_before = sorted(os.listdir(f"{where}/tcbypass/{loader.PIN_VERSION}/{name}"))
+        filters = (our_hooks(nic.pod_ns, nic.tap), our_hooks(nic.pod_ns, nic.nic))
         lines = {}
         for args in (explicit_args(sb, nic, name), ("detach", name), ("gc",)):
             proc = run_cli(*args, env=env)
@@ -191,8 +191,8 @@ def test_bpffs_read_only_under_an_attachment_changes_nothing(pod, capsys):
                                                    f"mount -o remount,rw {where}")
         proc = run_cli("status", "--json", env=env)
         assert proc.returncode == 0 and [r["state"] for r in json.loads(proc.stdout)] == ["active"], proc.stdout
-        assert sorted(os.listdir(f"{where}/tcbypass/v1/{name}")) == pins_before
-        assert (our_filter_prog_ids(nic.pod_ns, nic.tap), our_filter_prog_ids(nic.pod_ns, nic.nic)) == filters
+        assert sorted(os.listdir(f"{where}/tcbypass/{loader.PIN_VERSION}/{name}")) == pins_before
+        assert (our_hooks(nic.pod_ns, nic.tap), our_hooks(nic.pod_ns, nic.nic)) == filters
         assert all(filters), "the fast path keeps running"
     report(capsys, "bpffs read-only under an attachment: status active; "
            + " | ".join(f"{k}: {v}" for k, v in lines.items()))
@@ -201,10 +201,11 @@ def test_bpffs_read_only_under_an_attachment_changes_nothing(pod, capsys):
 # --- the compiler ----------------------------------------------------------------------------------------
 @pytest.fixture
 def no_kernel_headers(tmp_path) -> dict:
-    """bcc looks for kernel headers in $BCC_KERNEL_SOURCE first: an empty directory has none."""
+    """bcc looks for kernel headers in $BCC_KERNEL_SOURCE first: an empty directory
+    has none. And an empty program cache: no prepared build to fall back on."""
     empty = tmp_path / "no-headers"
     empty.mkdir()
-    return {"BCC_KERNEL_SOURCE": str(empty)}
+    return {"BCC_KERNEL_SOURCE": str(empty), "TCBYPASS_CACHE_DIR": str(tmp_path / "empty-cache")}
 
 
 def test_kernel_headers_missing_is_one_line_and_changes_nothing(pod, no_kernel_headers, capsys):
@@ -212,7 +213,7 @@ def test_kernel_headers_missing_is_one_line_and_changes_nothing(pod, no_kernel_h
     before = snapshot(nic)
     proc = run_cli(*explicit_args(sb, nic, f"h-{sb.tag}"), env=no_kernel_headers)
     line = assert_one_line_error(proc, 1, "bcc could not compile redirect.c", "Unable to find kernel headers",
-                                 "run 'tcbypass doctor'")
+                                 "run 'tcbypass doctor'", "tcbypass prepare")
     assert snapshot(nic) == before
     report(capsys, f"kernel headers missing: exit {proc.returncode}: {line}")
 
@@ -224,7 +225,7 @@ def pin_junk(name: str, maps: dict[str, int]) -> str:
     where = f"{loader.PIN_ROOT}/{name}"
     os.mkdir(where)
     for pin, value_size in maps.items():
-        fd = bpfsys.map_create_array(pin[:15], value_size, 1)
+        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, pin[:15], 4, value_size, 1)
         try:
             bpfsys.obj_pin(fd, f"{where}/{pin}")
         finally:
@@ -280,7 +281,7 @@ def test_foreign_pins_with_our_map_names_but_larger_values_are_refused_not_read(
 
 
 # --- interrupted attach (kill -9 half way) -------------------------------------------------------------------
-@pytest.mark.parametrize("failpoint", ["maps-filled", "tap-filter-set"])
+@pytest.mark.parametrize("failpoint", ["maps-filled", "tap-hooked"])
 def test_interrupted_attach_is_stale_and_the_next_attach_completes_it(pod, failpoint, capsys):
     sb, nic = pod
     name = f"k-{sb.tag}"
@@ -302,7 +303,7 @@ def test_interrupted_attach_is_stale_and_the_next_attach_completes_it(pod, failp
                    f"{proc.stdout.strip()}")
 
 
-@pytest.mark.parametrize("failpoint", ["maps-filled", "tap-filter-set"])
+@pytest.mark.parametrize("failpoint", ["maps-filled", "tap-hooked"])
 def test_gc_after_an_interrupted_attach_restores_the_bridge_path(pod, failpoint):
     """An incomplete record whose lock is free belongs to an attach that died:
     gc finishes its cleanup (it used to leave it, one filter hooked: G1)."""
@@ -343,9 +344,9 @@ def test_upgrade_killed_between_the_swaps_is_detected_and_repaired(pod, capsys):
     sb, nic = pod
     spec = AttachSpec(name=f"v-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac)
     attachments.attach(spec)
-    assert replace_killed_at(spec, "tap-filter-set") == -9
+    assert replace_killed_at(spec, "tap-hooked") == -9
     [row] = status_rows(sb.tag)
-    assert row["state"] == "stale" and f"our filter on {nic.tap} runs another program instance" in row["problems"]
+    assert row["state"] == "stale" and f"our program is not on {nic.tap}'s tcx hook" in row["problems"], row
     gc = run_cli("gc")
     assert gc.returncode == 0 and f"{spec.name}@staging" in gc.stdout, gc.stdout + gc.stderr
     proc = run_cli(*explicit_args(sb, nic, spec.name))

@@ -1,68 +1,79 @@
-"""Maps are bounded: a full map is a clear error, never a silent partial
-write, and attach never needs more room than the maps have."""
+"""Maps are bounded: every map of an instance has a fixed size, a write past
+it is a clear error, never a silent partial write, and no number of VM
+restarts makes an attachment need more room or more objects."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 
 import pytest
 
-from tcbypass import attachments, loader
+from tcbypass import attachments, bpfsys
 from tcbypass.errors import BpfError
-from tcbypass.maps import META_SIZE, AttachmentMaps, Direction, parse_mac, port_entry
+from tcbypass.maps import CONFIG, META_SIZE, TEST_OUT, AttachmentMaps, config_entry, parse_mac
 from tcbypass.model import AttachSpec
-from tests.datapath.conftest import compiled_instance
+from tests.datapath.conftest import loaded_instance
 
-from .conftest import assert_one_attachment_or_none, links, report
+from .conftest import assert_one_attachment_or_none, instance_ids, links, report
 
 pytestmark = pytest.mark.root
 
 VM_MAC, BRIDGE_MAC = parse_mac("0a:58:0a:10:00:05"), parse_mac("0a:58:0a:10:00:fe")
 
 
-def entry(direction: Direction = Direction.FROM_VM, flags: int = 0):
-    return port_entry(VM_MAC, BRIDGE_MAC, direction, flags)
+def test_every_map_of_an_instance_has_a_fixed_small_size(capsys):
+    """One config entry, one slot per direction, one counter line per CPU, one record."""
+    with loaded_instance() as inst:
+        sizes = {}
+        for name in sorted(os.listdir(inst.pin_dir)):
+            if name.startswith("tcb_") and name not in ("tcb_from_vm", "tcb_to_vm", TEST_OUT):
+                fd = bpfsys.obj_get(f"{inst.pin_dir}/{name}")
+                try:
+                    info = bpfsys.map_info(fd)
+                finally:
+                    os.close(fd)
+                sizes[name] = (info.max_entries, info.value_size)
+    assert sizes == {"tcb_config": (1, 28), "tcb_egress": (2, 4), "tcb_stats": (1, 96), "tcb_meta": (1, META_SIZE)}
+    report(capsys, f"an instance's maps (entries, value bytes): {sizes}")
 
 
-def test_full_port_map_refuses_a_new_entry_with_a_clear_error(capsys):
-    with compiled_instance() as inst:
-        maps = inst.maps
-        for ifindex in range(101, 101 + loader.MAX_PORTS):
-            maps.set_port(ifindex, entry())
-        with pytest.raises(BpfError) as caught:
-            maps.set_port(999, entry())
-        assert isinstance(caught.value.__cause__, OSError) and caught.value.__cause__.errno == errno.E2BIG
-        assert "cannot write tcb_ports[999]" in str(caught.value) and "the map is full" in str(caught.value)
-        assert sorted(maps.port_ifindexes()) == list(range(101, 101 + loader.MAX_PORTS)), "nothing else changed"
-        assert all(bytes(maps.port(i).vm_mac) == VM_MAC for i in maps.port_ifindexes())
-        maps.set_port(101, entry(Direction.TO_VM, flags=1))  # a full map still takes updates of its own keys
-        assert (maps.port(101).dir, maps.port(101).flags) == (Direction.TO_VM, 1)
-        report(capsys, f"tcb_ports holds {loader.MAX_PORTS} entries; the next one: {caught.value}")
+def test_config_has_one_entry_and_refuses_a_second_with_a_clear_error():
+    with loaded_instance() as inst:
+        entry = config_entry(VM_MAC, BRIDGE_MAC, bytes(6), 1, 5, 3)
+        inst.maps.set_config(entry)
+        with pytest.raises(OSError) as caught:
+            bpfsys.map_update(inst.maps._fds[CONFIG], ctypes.c_uint32(1), entry)
+        assert caught.value.errno == errno.E2BIG
+        assert (inst.maps.config().tap_ifindex, inst.maps.config().nic_ifindex) == (5, 3), "entry 0 unchanged"
 
 
 def test_oversized_record_is_refused_and_the_old_one_kept():
-    with compiled_instance() as inst:
+    with loaded_instance() as inst:
         inst.maps.write_record({"name": "kept"})
         with pytest.raises(BpfError, match="attachment record too large"):
             inst.maps.write_record({"name": "x" * META_SIZE})
         assert inst.maps.read_record() == {"name": "kept"}
 
 
-def test_attach_after_a_vm_restart_fits_a_map_full_of_old_entries(bare_node):
-    """tcb_ports full of leftovers (earlier taps of the VM): the refresh drops
-    them before it writes the new tap, so it never needs a fifth slot and
-    never stops half way."""
+def test_many_vm_restarts_keep_one_instance_of_the_same_objects(bare_node, capsys):
+    """Each refresh points the same instance at the new tap: the same programs
+    and maps, two links, nothing piling up in bpffs or the kernel."""
     sb = bare_node
     [nic] = sb.add_vm("vm1", ["10.16.0.5"])
     spec = AttachSpec(name=f"b-{sb.tag}", netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac)
     attachments.attach(spec)
-    with AttachmentMaps(attachments.pin_dir_of(spec.name)) as maps:
-        for ifindex in range(9001, 9001 + loader.MAX_PORTS - 2):
-            maps.set_port(ifindex, entry())
-        assert len(maps.port_ifindexes()) == loader.MAX_PORTS
-    sb.restart_vm(nic)
-    result = attachments.attach(spec)
-    assert result.action == "refreshed"
+    pin_dir = attachments.pin_dir_of(spec.name)
+    first = instance_ids(pin_dir)
+    entries = sorted(os.listdir(pin_dir))
+    for _ in range(5):
+        sb.restart_vm(nic)
+        assert attachments.attach(spec).action == "refreshed"
     assert assert_one_attachment_or_none(spec.name, nic) == "active"
-    with AttachmentMaps(attachments.pin_dir_of(spec.name)) as maps:
-        assert set(maps.port_ifindexes()) == {links(nic.pod_ns)[nic.tap], links(nic.pod_ns)[nic.nic]}
+    assert instance_ids(pin_dir) == first, "the same programs and maps"
+    assert sorted(os.listdir(pin_dir)) == entries, "the same pins: no link of an old tap left"
+    with AttachmentMaps(pin_dir) as maps:
+        config = maps.config()
+        assert (config.tap_ifindex, config.nic_ifindex) == (links(nic.pod_ns)[nic.tap], links(nic.pod_ns)[nic.nic])
+    report(capsys, f"after 5 VM restarts: {len(entries)} pins, programs {sorted(first.progs.values())}")

@@ -1,14 +1,16 @@
 """Fuzz bpf/redirect.c through BPF_PROG_TEST_RUN: random and malformed
 frames, on every device of the test namespace, through both programs, with
-DHCP passthrough on and off.
+DHCP passthrough on and off and each way of handing frames over by peer.
 
-The property: the program returns only TC_ACT_OK or TC_ACT_REDIRECT, never
+The property: the program returns only TC_ACT_UNSPEC ("continue") or
+TC_ACT_REDIRECT, never
 changes a frame, counts each frame exactly once, and redirects only a frame
 that a plain reading of the design allows: unicast, on a device registered
 for that program's direction, from the VM's own MAC (towards the NIC, not
 for the bridge itself) or to the VM's own MAC (towards the tap), of a type
 we parse, and not DHCP when DHCP belongs to the bridge; then to the other
-device of the pair. `expected()` below is that reading, written
+device of the pair, by peer (with the right packet type) exactly when the
+flags allow it for that destination. `expected()` below is that reading, written
 independently of the C code; every verdict and pass reason must match it.
 
 Deterministic in CI: hypothesis runs derandomized (the seed comes from the
@@ -29,8 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tcbypass import bpfsys
-from tcbypass.maps import F_DHCP_TO_BRIDGE, TC_ACT_OK, TC_ACT_REDIRECT, Direction, Reason, parse_mac, port_entry
-from tests.datapath.conftest import Datapath, compiled_instance, counters_delta, describe, pod_namespace
+from tcbypass.maps import (F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, PACKET_HOST, PACKET_OTHERHOST, TC_ACT_REDIRECT,
+                           TC_ACT_UNSPEC, Direction, Reason, config_entry, parse_mac)
+from tests.datapath.conftest import Datapath, Recorded, counters_delta, describe, loaded_instance, pod_namespace
 from tests.datapath.pktgen import ADDR
 
 from .conftest import report
@@ -40,8 +43,9 @@ pytestmark = pytest.mark.root
 EXAMPLES_STRUCTURED = 4000
 EXAMPLES_RANDOM = 2000
 
-VM, BRIDGE = parse_mac(ADDR.vm_mac), parse_mac(ADDR.bridge_mac)
-MACS = [VM, BRIDGE, parse_mac(ADDR.peer_mac), parse_mac(ADDR.other_mac), b"\xff" * 6,
+VM, BRIDGE, HOST = parse_mac(ADDR.vm_mac), parse_mac(ADDR.bridge_mac), parse_mac(ADDR.host_mac)
+FLAGS = [F_DHCP_TO_BRIDGE, 0, F_DHCP_TO_BRIDGE | F_PEER, F_DHCP_TO_BRIDGE | F_PEER | F_PEER_ALL, F_PEER_ALL]
+MACS = [VM, BRIDGE, HOST, parse_mac(ADDR.peer_mac), parse_mac(ADDR.other_mac), b"\xff" * 6,
         bytes.fromhex("01005e000001"), bytes.fromhex("333300000001"), bytes.fromhex("0180c200000e")]
 ETHERTYPES = [0x0800, 0x86DD, 0x0806, 0x8100, 0x88A8, 0x8035, 0x88CC, 0x0000, 0x05DC, 0xFFFF]
 IPV4, IPV6, ARP = 0x0800, 0x86DD, 0x0806
@@ -50,15 +54,15 @@ IPV4, IPV6, ARP = 0x0800, 0x86DD, 0x0806
 @pytest.fixture(scope="module")
 def fuzz_dp():
     """A TCB_TEST instance of its own, wired to a namespace of its own."""
-    with pod_namespace() as pod, compiled_instance() as instance:
+    with pod_namespace() as pod, loaded_instance() as instance:
         dp = Datapath(pod, instance)
         dp.wire()
         yield dp
 
 
 # --- the reading of the design -----------------------------------------------------------
-def expected(frame: bytes, direction: Direction, ifindex: int, dp: Datapath, flags: int) -> tuple[str, int]:
-    """("redirect", target ifindex) or ("pass", Reason) for one frame."""
+def expected(frame: bytes, direction: Direction, ifindex: int, dp: Datapath, flags: int) -> tuple[str, object]:
+    """("redirect", Recorded) or ("pass", Reason) for one frame."""
     registered = {dp.pod.tap: Direction.FROM_VM, dp.pod.nic: Direction.TO_VM}
     if registered.get(ifindex) is not direction:
         return "pass", Reason.UNKNOWN_DEV
@@ -85,7 +89,11 @@ def expected(frame: bytes, direction: Direction, ifindex: int, dp: Datapath, fla
                 return "pass", Reason.DHCP
     elif ethertype not in (IPV4, IPV6, ARP):
         return "pass", Reason.ETHERTYPE
-    return "redirect", dp.pod.nic if direction is Direction.FROM_VM else dp.pod.tap
+    if direction is Direction.TO_VM:
+        return "redirect", Recorded(dp.pod.tap, False, 0)
+    if flags & (F_PEER | F_PEER_ALL) and (dst == HOST or flags & F_PEER_ALL):
+        return "redirect", Recorded(dp.pod.nic, True, PACKET_HOST if dst == HOST else PACKET_OTHERHOST)
+    return "redirect", Recorded(dp.pod.nic, False, 0)
 
 
 # --- frames ----------------------------------------------------------------------------------
@@ -128,7 +136,7 @@ def cases(draw, dp: Datapath) -> tuple[bytes, Direction, int, int]:
             dst = VM
     ethertype = draw(ethertypes)
     body = draw(ipv4_packets()) if ethertype == IPV4 else draw(st.binary(max_size=128))
-    flags = draw(st.sampled_from([F_DHCP_TO_BRIDGE, 0]))
+    flags = draw(st.sampled_from(FLAGS))
     return dst + src + ethertype.to_bytes(2, "big") + body, direction, ifindex, flags
 
 
@@ -137,7 +145,7 @@ def random_cases(draw, dp: Datapath) -> tuple[bytes, Direction, int, int]:
     """Any bytes at all, on any device, through either program."""
     return (draw(st.binary(min_size=14, max_size=1600)), draw(st.sampled_from(list(Direction))),
             draw(st.sampled_from([dp.pod.tap, dp.pod.nic, dp.pod.stray, 1])),
-            draw(st.sampled_from([F_DHCP_TO_BRIDGE, 0])))
+            draw(st.sampled_from(FLAGS)))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -151,15 +159,13 @@ class Fuzzer:
 
     def set_flags(self, flags: int) -> None:
         if flags != self.flags:
-            vm, local = parse_mac(ADDR.vm_mac), parse_mac(ADDR.bridge_mac)
-            self.dp.maps.set_port(self.dp.pod.tap, port_entry(vm, local, Direction.FROM_VM, flags))
-            self.dp.maps.set_port(self.dp.pod.nic, port_entry(vm, local, Direction.TO_VM, flags))
+            self.dp.maps.set_config(config_entry(VM, BRIDGE, HOST, flags, self.dp.pod.tap, self.dp.pod.nic))
             self.flags = flags
 
     def check(self, frame: bytes, direction: Direction, ifindex: int, flags: int) -> None:
         dp = self.dp
         self.set_flags(flags)
-        dp.instance.clear_test_target()
+        dp.instance.clear_recorded()
         before = dp.maps.counters()
         try:
             run = bpfsys.prog_test_run(dp.program(direction), frame, ifindex=ifindex)  # on this netns thread
@@ -169,25 +175,27 @@ class Fuzzer:
             ethertype, body = int.from_bytes(frame[12:14], "big"), len(frame) - 14
             assert exc.errno == errno.EINVAL and (
                 (ethertype == IPV4 and body < 20) or (ethertype == IPV6 and body < 40)), (exc, frame.hex())
-            assert dp.maps.counters() == before and dp.instance.test_target() == 0
+            assert dp.maps.counters() == before and dp.instance.recorded().target == 0
             self.verdicts["refused by BPF_PROG_TEST_RUN (short IPv4/IPv6 header)"] += 1
             return
         moved = counters_delta(before, dp.maps.counters())
-        target = dp.instance.test_target()
+        recorded = dp.instance.recorded()
         kind, what = expected(frame, direction, ifindex, dp, flags)
-        self.verdicts[f"{direction.name.lower()} {kind} " + (what.name.lower() if kind == "pass" else "")] += 1
+        detail = what.name.lower() if kind == "pass" else ("by peer" if what.peer else "")
+        self.verdicts[f"{direction.name.lower()} {kind} {detail}".strip()] += 1
 
-        assert run.retval in (TC_ACT_OK, TC_ACT_REDIRECT), run.retval
+        assert run.retval in (TC_ACT_UNSPEC, TC_ACT_REDIRECT), run.retval
         assert run.data_out == frame, "the program must never change a frame"
         if run.retval == TC_ACT_REDIRECT:
             # The safety property, spelled out: only well-formed unicast of the VM's MAC on its own device.
             assert frame[0] & 1 == 0 and ifindex in (dp.pod.tap, dp.pod.nic)
             assert (frame[6:12] == VM) if direction is Direction.FROM_VM else (frame[0:6] == VM)
         if kind == "redirect":
-            assert (run.retval, target, describe(moved)) == (
+            assert (run.retval, recorded, describe(moved)) == (
                 TC_ACT_REDIRECT, what, f"redirect {direction.name.lower()}"), frame.hex()
         else:
-            assert (run.retval, target, describe(moved)) == (TC_ACT_OK, 0, f"pass {what.name.lower()}"), frame.hex()
+            assert (run.retval, recorded.target, describe(moved)) == (
+                TC_ACT_UNSPEC, 0, f"pass {what.name.lower()}"), frame.hex()
 
     def run(self, test) -> float:
         """Run a hypothesis test on a thread inside the namespace; seconds taken."""
