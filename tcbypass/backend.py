@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import os
 
-from . import attachments, vmi
+from typing import TYPE_CHECKING
+
 from .errors import NotRootError
 from .model import AttachResult, AttachSpec, Record, Status
+
+if TYPE_CHECKING:
+    from . import vmi
+
+# The core (netlink, bpf) is imported by the methods that use it, so that the
+# CLI's --help and --version start without it.
 
 
 class NodeBackend:
@@ -21,17 +28,27 @@ class NodeBackend:
                                hint=f"run: sudo tcbypass {what} ...")
 
     def attach_explicit(self, spec: AttachSpec) -> AttachResult:
+        from . import attachments
+
         return attachments.attach(spec)
 
-    def attach_vmi(self, name: str, namespace: str, settings: vmi.Settings, dhcp_to_bridge: bool,
-                   hook: str = "", from_vm: str = "") -> vmi.VmiResult:
+    def attach_vmi(self, name: str, namespace: str, settings: "vmi.Settings", dhcp_to_bridge: bool,
+                   hook: str = "", from_vm: str = "") -> "vmi.VmiResult":
+        from . import vmi
+
         return vmi.attach_vmi(name, namespace, settings, dhcp_to_bridge, hook=hook, from_vm=from_vm)
 
     def detach(self, target: str, namespace: str, remove_qdisc: bool = False) -> list[Record]:
+        from . import vmi
+
         return vmi.detach_target(target, namespace, remove_qdisc)
 
     def gc(self) -> list[str]:
+        from . import attachments
+
         return attachments.gc()
 
     def statuses(self, namespace: str | None, name: str | None) -> list[Status]:
+        from . import vmi
+
         return vmi.statuses(namespace, name)

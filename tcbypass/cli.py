@@ -11,27 +11,49 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import click
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__, ovsdb
 from .backend import NodeBackend
 from .errors import EXIT_DEGRADED, TcbError
 from .model import STATE_ACTIVE, AttachSpec, Status
-from .vmi import Settings
+
+if TYPE_CHECKING:  # rich and the core load only when a command needs them: the CLI starts fast
+    from rich.console import Console
+    from rich.table import Table
+
+    from .vmi import Settings
 
 DEFAULT_NAMESPACE = "default"
 
 
 @dataclass
 class App:
-    """What every command shares: the node backend, one console for output, one for errors."""
+    """What every command shares: the node backend, one console for output, one for
+    errors (made on first use: importing rich costs a command that prints nothing rich)."""
 
     backend: NodeBackend
-    console: Console
-    err: Console
+    _console: "Console | None" = None
+    _err: "Console | None" = None
     debug: bool = False
+
+    @property
+    def console(self) -> "Console":
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console() if sys.stdout.isatty() else Console(width=200)
+        return self._console
+
+    @property
+    def err(self) -> "Console":
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
+        return self._err
 
 
 def _require_root(app: App, what: str) -> None:
@@ -70,12 +92,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ctx.obj is None:  # tests hand in an App with a fake backend
-        console = Console() if sys.stdout.isatty() else Console(width=200)
-        ctx.obj = App(NodeBackend(), console, Console(stderr=True, width=None if sys.stderr.isatty() else 1000))
+        ctx.obj = App(NodeBackend())
     ctx.obj.debug = ctx.obj.debug or debug
 
 
-def _settings(ovsdb_url: str | None, ovs_netns: str | None) -> Settings:
+def _settings(ovsdb_url: str | None, ovs_netns: str | None) -> "Settings":
+    from .vmi import Settings
+
     return Settings(ovsdb_url=ovsdb_url or "", ovs_netns=ovs_netns or "")
 
 
@@ -232,7 +255,9 @@ def status(app: App, vmi: str | None, namespace: str | None, as_json: bool) -> N
         sys.exit(EXIT_DEGRADED)
 
 
-def status_table(rows: list[Status]) -> Table | str:
+def status_table(rows: list[Status]) -> "Table | str":
+    from rich.table import Table
+
     if not rows:
         return "No attachments. Attach one with: tcbypass attach VMI -n NAMESPACE"
     table = Table(title="tcbypass attachments", title_justify="left")
