@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import attachments, netns, ovsdb
+from . import attachments, build, features, netns, ovsdb
 from .errors import NetnsError, NotBypassableError, OvsdbError, TcbError, UnknownVmiError
 from .vmi import Settings, attach_vmi, detach_vmi
 
@@ -86,6 +86,7 @@ class Agent:
 
     def run(self) -> None:
         """Serve until stopped; reconnect to OVSDB whenever it goes away."""
+        self._warm_up()
         delay = RETRY[0]
         try:
             while not self._stop:
@@ -103,6 +104,17 @@ class Agent:
                     delay = min(delay * 2, RETRY[1])
         finally:
             self._shutdown()
+
+    def _warm_up(self) -> None:
+        """Have the program's compiled object ready before the first VM comes:
+        from the cache (a prepared node) or compiled now, once, so that no
+        attach waits for a compiler. A failure here is logged; attaches then
+        report it themselves."""
+        try:
+            found = features.probe()
+            build.get(build.Build(no_peer=not found.redirect_peer))
+        except TcbError as exc:
+            log.warning("cannot prepare the program: %s", exc)
 
     def _sleep(self, seconds: float) -> None:
         select.select([self._wake_r], [], [], seconds)
