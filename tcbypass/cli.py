@@ -180,8 +180,8 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
     for done in result.attached:
         _print_result(app, f"{namespace}/{vmi} ", done)
     for plan in result.skipped:
-        app.console.print(f"{namespace}/{vmi} {plan.port.iface_id or plan.port.name}: not bypassed, "
-                          f"{plan.reason}", highlight=False)
+        app.console.print(f"{namespace}/{vmi} {plan.label}: {plan.recognition.line()}", highlight=False,
+                          soft_wrap=True)
     for record in result.removed:
         app.console.print(f"{namespace}/{vmi} {record.name}: detached (the VMI no longer has this NIC)",
                           highlight=False)

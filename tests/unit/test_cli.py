@@ -8,6 +8,8 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from tcbypass import bindings
+from tcbypass.bindings import Recognition
 from tcbypass.cli import App, main
 from tcbypass.discovery import NicPlan
 from tcbypass.errors import NotRootError, OvsdbError, UnknownVmiError
@@ -46,7 +48,8 @@ class FakeBackend:
         self.calls.append(("attach_vmi", name, namespace, settings, dhcp_to_bridge))
         self.options = (hook, from_vm)
         self._maybe_fail()
-        skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, "not a veth")
+        sriov = Recognition(bindings.SRIOV, bindings.BY_DESIGN, "OVS port x_h is a VF representor, not a veth")
+        skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, sriov)
         return VmiResult(name, namespace, (AttachResult(record(), "unchanged", 0.002),), (skipped,), ())
 
     def detach(self, target, namespace, remove_qdisc=False):
@@ -69,7 +72,8 @@ def test_attach_vmi_reports_each_nic_and_the_ones_skipped():
     res = invoke(fake, "attach", "vm1", "-n", "prod", "--ovsdb", "unix:/x.sock")
     assert res.exit_code == 0, res.output
     assert "prod/vm1 vm1.prod: unchanged (tap0 <-> eth0-nic, 0a:00:00:00:00:05; tcx, from the VM by peer)" in res.output
-    assert "vm1.prod.sriov: not bypassed, not a veth" in res.output
+    assert ("prod/vm1 vm1.prod.sriov: sriov binding, not bypassable: OVS port x_h is a VF representor, "
+            "not a veth; nothing to do") in res.output
     _, name, ns, settings, dhcp = fake.calls[0]
     assert (name, ns, settings.url, dhcp) == ("vm1", "prod", "unix:/x.sock", True)
 
