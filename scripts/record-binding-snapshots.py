@@ -60,13 +60,10 @@ def main() -> int:
 def _raw_rules() -> list[dict]:
     from pyroute2.nftables.main import NFTables
 
-    out = []
-    for number, family in nftrules.FAMILIES.items():
-        with NFTables(nfgen_family=number) as nft:
-            for msg in nft.get_rules():
-                out.append({"family": family, "table": msg.get_attr("NFTA_RULE_TABLE"),
-                            "chain": msg.get_attr("NFTA_RULE_CHAIN"), "expressions": nftrules.expressions(msg)})
-    return out
+    with NFTables(nfgen_family=nftrules.NFPROTO_UNSPEC) as nft:
+        return [{"family": nftrules.FAMILIES[msg["nfgen_family"]], "table": msg.get_attr("NFTA_RULE_TABLE"),
+                 "chain": msg.get_attr("NFTA_RULE_CHAIN"), "expressions": nftrules.expressions(msg)}
+                for msg in nft.get_rules()]
 
 
 if __name__ == "__main__":

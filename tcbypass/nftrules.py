@@ -22,7 +22,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import netns
 from .errors import NetnsError
 
-FAMILIES = {2: "ip", 10: "ip6", 1: "inet"}  # NFPROTO_IPV4, NFPROTO_IPV6, NFPROTO_INET
+FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}  # NFPROTO_*
+NFPROTO_UNSPEC = 0  # dump the rules of every family at once
 _IFNAME_KEYS = {"NFT_META_IIFNAME": "iifname", "NFT_META_OIFNAME": "oifname"}
 _JUMPS = ("NFT_JUMP", "NFT_GOTO")
 _NAT_TYPES = {"NFT_NAT_SNAT": "snat", "NFT_NAT_DNAT": "dnat"}
@@ -118,17 +119,15 @@ def expressions(rule_msg) -> list[dict]:
 def _read_here() -> tuple[NatRule, ...]:
     from pyroute2.nftables.main import NFTables
 
-    rules = []
-    for number, family in FAMILIES.items():
-        with NFTables(nfgen_family=number) as nft:
-            for msg in nft.get_rules():
-                rules.append(decode_rule(family, msg.get_attr("NFTA_RULE_TABLE") or "",
-                                         msg.get_attr("NFTA_RULE_CHAIN") or "", expressions(msg)))
-    return tuple(rules)
+    with NFTables(nfgen_family=NFPROTO_UNSPEC) as nft:
+        return tuple(decode_rule(FAMILIES.get(msg["nfgen_family"], str(msg["nfgen_family"])),
+                                 msg.get_attr("NFTA_RULE_TABLE") or "", msg.get_attr("NFTA_RULE_CHAIN") or "",
+                                 expressions(msg))
+                     for msg in nft.get_rules())
 
 
 def read(path: str) -> tuple[NatRule, ...]:
-    """Every nftables rule in the network namespace at `path` (ip, ip6 and inet families)."""
+    """Every nftables rule in the network namespace at `path`, of every family (one dump)."""
     try:
         return netns.run_in(path, _read_here)
     except (NetlinkError, OSError) as exc:
