@@ -55,18 +55,22 @@ class VmPod:
     nic: str = ""  # the pod NIC, when there is one
     tap: str = ""
     bridge: str = ""
+    pids: tuple = ()  # (name, pid) of the helper processes in the pod: virt-launcher, passt
+
+    def pid(self, name: str) -> int:
+        return dict(self.pids)[name]
 
     def devices(self) -> list[str]:
         """Every device in the pod's namespace (to check that nothing changed on them)."""
         return sorted(link["ifname"] for link in json.loads(sh("ip", "-j", "link", "show", netns=self.pod_ns).stdout))
 
 
-def _launcher(sb: Sandbox, pod_ns: str) -> None:
-    """A process named virt-launcher in the pod, as a real virt-launcher pod has."""
+def _launcher(sb: Sandbox, pod_ns: str) -> tuple:
+    """A process named virt-launcher in the pod, as a real virt-launcher pod has; (("virt-launcher", pid),)."""
     path = os.path.join(sb.run_dir, "virt-launcher")
     if not os.path.exists(path):
         shutil.copy(shutil.which("sleep"), path)
-    sb.spawn(pod_ns, path, "infinity")
+    return (("virt-launcher", sb.spawn(pod_ns, path, "infinity").pid),)
 
 
 def _cni_pod(sb: Sandbox, vmi: str, namespace: str, ips: list[str], dev: str = "eth0") -> tuple[str, str, str]:
@@ -92,8 +96,7 @@ def _first(network: str, n: int) -> str:
 
 def bridge_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default", managed_tap: bool = False) -> VmPod:
     [nic] = sb.add_vm(vmi, [ip], namespace=namespace, vm_link="tap", managed_tap=managed_tap)
-    _launcher(sb, nic.pod_ns)
-    return _of(vmi, namespace, "managedTap" if managed_tap else "bridge", nic)
+    return _of(vmi, namespace, "managedTap" if managed_tap else "bridge", nic, _launcher(sb, nic.pod_ns))
 
 
 def bridge_vm_with_two_taps(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPod:
@@ -101,12 +104,12 @@ def bridge_vm_with_two_taps(sb: Sandbox, vmi: str, ip: str, namespace: str = "de
     [nic] = sb.add_vm(vmi, [ip], namespace=namespace, vm_link="tap")
     sh("ip", "tuntap", "add", "dev", "tap1", "mode", "tap", netns=nic.pod_ns)
     sh("ip", "link", "set", "tap1", "master", nic.bridge, netns=nic.pod_ns)
-    _launcher(sb, nic.pod_ns)
-    return _of(vmi, namespace, "bridge", nic)
+    return _of(vmi, namespace, "bridge", nic, _launcher(sb, nic.pod_ns))
 
 
-def _of(vmi: str, namespace: str, binding: str, nic: VmNic) -> VmPod:
-    return VmPod(vmi, namespace, binding, nic.pod_ns, nic.iface_id, nic.host_port, nic.nic, nic.tap, nic.bridge)
+def _of(vmi: str, namespace: str, binding: str, nic: VmNic, pids: tuple) -> VmPod:
+    return VmPod(vmi, namespace, binding, nic.pod_ns, nic.iface_id, nic.host_port, nic.nic, nic.tap, nic.bridge,
+                 pids)
 
 
 def masquerade_vm(sb: Sandbox, vmi: str, ip: str, ip6: str, namespace: str = "default") -> VmPod:
@@ -146,8 +149,8 @@ def masquerade_vm(sb: Sandbox, vmi: str, ip: str, ip6: str, namespace: str = "de
             "snat", "to", gw)
         nft("add", "rule", family, "nat", "output", family, "daddr", f"{{ {loopback} }}", "counter", "dnat", "to",
             guest)
-    _launcher(sb, p)
-    return VmPod(vmi, namespace, "masquerade", p, f"{vmi}.{namespace}", host, "eth0", "tap0", "k6t-eth0")
+    return VmPod(vmi, namespace, "masquerade", p, f"{vmi}.{namespace}", host, "eth0", "tap0", "k6t-eth0",
+                 _launcher(sb, p))
 
 
 def passt_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default", timeout: float = 10.0) -> VmPod:
@@ -156,7 +159,7 @@ def passt_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default", timeout
     sh("ip", "route", "add", "default", "via", str(ipaddress.ip_interface(f"{ip}/24").network[1]), netns=pod_ns)
     sh("sysctl", "-q", "-w", f"net.ipv4.ping_group_range={PASST_UID} {PASST_UID}",
        "net.ipv4.ip_unprivileged_port_start=0", netns=pod_ns)
-    _launcher(sb, pod_ns)
+    launcher = _launcher(sb, pod_ns)
     run = os.path.join(sb.run_dir, f"passt-{vmi}")
     os.makedirs(run, exist_ok=True)
     os.chmod(run, 0o777)  # passt drops to nobody before it binds its socket
@@ -169,7 +172,8 @@ def passt_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default", timeout
         if child.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"passt did not come up in {pod_ns} (see {run}/passt.log)")
         time.sleep(0.02)
-    return VmPod(vmi, namespace, "passt", pod_ns, f"{vmi}.{namespace}", host, "eth0")
+    return VmPod(vmi, namespace, "passt", pod_ns, f"{vmi}.{namespace}", host, "eth0",
+                 pids=launcher + (("passt", child.pid),))
 
 
 def macvtap_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPod:
@@ -177,8 +181,8 @@ def macvtap_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> Vm
     pod_ns, host, _mac = _cni_pod(sb, vmi, namespace, [f"{ip}/24"])
     sh("ip", "link", "add", "link", "eth0", "name", "macvtap0", "type", "macvtap", "mode", "bridge", netns=pod_ns)
     sh("ip", "link", "set", "macvtap0", "address", mac_for(f"{sb.tag}{vmi}-vm"), "up", netns=pod_ns)
-    _launcher(sb, pod_ns)
-    return VmPod(vmi, namespace, "macvtap", pod_ns, f"{vmi}.{namespace}", host, "eth0", "macvtap0")
+    return VmPod(vmi, namespace, "macvtap", pod_ns, f"{vmi}.{namespace}", host, "eth0", "macvtap0",
+                 pids=_launcher(sb, pod_ns))
 
 
 def sriov_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPod:
@@ -204,8 +208,7 @@ def sriov_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPo
     sh("ip", "link", "set", "eth0", "address", mac_for(f"{sb.tag}{vmi}0"), netns=pod_ns)
     sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", netns=pod_ns)
     sh("ip", "link", "set", "eth0", "up", netns=pod_ns)
-    _launcher(sb, pod_ns)
-    return VmPod(vmi, namespace, "sriov", pod_ns, f"{vmi}.{namespace}", host, "eth0")
+    return VmPod(vmi, namespace, "sriov", pod_ns, f"{vmi}.{namespace}", host, "eth0", pids=_launcher(sb, pod_ns))
 
 
 def kubeovn_tap_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPod:
@@ -220,5 +223,4 @@ def kubeovn_tap_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -
 def pending_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPod:
     """A virt-launcher pod the CNI has plugged and virt-handler has not wired yet."""
     pod_ns, host, _mac = _cni_pod(sb, vmi, namespace, [f"{ip}/24"])
-    _launcher(sb, pod_ns)
-    return VmPod(vmi, namespace, "pending", pod_ns, f"{vmi}.{namespace}", host, "eth0")
+    return VmPod(vmi, namespace, "pending", pod_ns, f"{vmi}.{namespace}", host, "eth0", pids=_launcher(sb, pod_ns))
