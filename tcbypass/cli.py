@@ -325,9 +325,11 @@ def ports_table(rows: "list[PortRow]") -> "Table | str":
     if not rows:
         return "No Kube-OVN VM ports on this node."
     table = Table(title="VM ports on this node", title_justify="left")
-    for col in ("VMI", "NIC (iface-id)", "binding", "state"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("reason", ratio=1)
+    table.add_column("VMI", overflow="fold")
+    table.add_column("NIC (iface-id)", overflow="fold")
+    table.add_column("binding", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("reason", ratio=1, overflow="fold")
     for row in rows:
         colour = _STATE_COLOUR.get(row.state, "white")
         table.add_row(f"{row.namespace}/{row.vmi}", row.nic, row.binding, f"[{colour}]{row.state}[/]",

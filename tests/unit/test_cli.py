@@ -252,6 +252,15 @@ def test_status_all_is_degraded_when_a_port_could_be_fast_and_is_not(state):
     assert res.exit_code == 3
 
 
+@pytest.mark.parametrize("width", [80, 200])
+def test_status_all_table_keeps_the_reason_readable_on_narrow_terminals(width):
+    app = App(FakeBackend(port_rows=ALL), Console(width=width), Console(stderr=True, width=1000))
+    res = CliRunner().invoke(main, ["status", "--all"], obj=app)
+    words = set(res.output.replace("│", " ").split())
+    for row in ALL:  # wrapped, never cropped
+        assert set(row.reason.split()) <= words, row.reason
+
+
 def test_status_all_refuses_a_vmi_argument():
     fake = FakeBackend()
     res = invoke(fake, "status", "--all", "vm1")
