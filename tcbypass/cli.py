@@ -364,9 +364,12 @@ def gc(app: App) -> None:
               help="Serve Prometheus metrics here ('' to turn off).")
 @click.option("--detach-on-exit", is_flag=True,
               help="On SIGTERM, detach what the agent attached (default: leave the fast path running).")
+@click.option("--ports-refresh", type=click.FloatRange(min=0.1), default=15.0, show_default=True, metavar="SECONDS",
+              help="How often the tcbypass_vm_ports gauge re-reads every pod (in the background; a scrape never "
+                   "waits for it).")
 @click.pass_obj
 def agent(app: App, ovsdb_url: str | None, ovs_netns: str | None, metrics_address: str,
-          detach_on_exit: bool) -> None:
+          detach_on_exit: bool, ports_refresh: float) -> None:
     """Run on a node: keep every Kube-OVN VM port bypassed, as VMs come and go.
 
     Watches OVSDB (a monitor of the Interface table) and each pod's devices
@@ -385,7 +388,7 @@ def agent(app: App, ovsdb_url: str | None, ovs_netns: str | None, metrics_addres
         from . import metrics
 
         try:
-            metrics.serve(metrics_address, metrics.registry(worker))
+            metrics.serve(metrics_address, metrics.registry(worker, ports_refresh=ports_refresh))
         except (OSError, ValueError) as exc:
             app.err.print(f"error: cannot serve metrics on {metrics_address} ({exc}); "
                           "choose another --metrics-address", highlight=False, soft_wrap=True)

@@ -177,13 +177,17 @@ def vm_ports(text: str | None) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_metrics_count_vm_ports_by_binding_and_state(node, agent):
-    node.add_vm("vm8", ["10.16.0.12"], namespace="prod")
-    wirings.masquerade_vm(node, "vm9", "10.16.0.13", "fd00:10:16::13", "prod")
-    wirings.kubeovn_tap_vm(node, "vm10", "10.16.0.14", "prod")
-    wirings.pending_vm(node, "vm11", "10.16.0.15", "prod")
-    want = {("bridge", "active"): 1.0, ("masquerade", "not bypassable"): 1.0,
-            ("kube-ovn-direct", "not bypassable"): 1.0, ("pending", "not attached"): 1.0}
-    agent.wait_for(lambda: {k: v for k, v in vm_ports(agent.metrics()).items() if v} == want,
-                   "tcbypass_vm_ports counting one bridge (attached), masquerade, direct and pending VM")
-    assert not pins("vm9") and not pins("vm10") and not pins("vm11"), "the agent attached nothing to them"
+def test_metrics_count_vm_ports_by_binding_and_state(node):
+    agent = RunningAgent(node, "--ports-refresh", "0.2")
+    try:
+        node.add_vm("vm8", ["10.16.0.12"], namespace="prod")
+        wirings.masquerade_vm(node, "vm9", "10.16.0.13", "fd00:10:16::13", "prod")
+        wirings.kubeovn_tap_vm(node, "vm10", "10.16.0.14", "prod")
+        wirings.pending_vm(node, "vm11", "10.16.0.15", "prod")
+        want = {("bridge", "active"): 1.0, ("masquerade", "not bypassable"): 1.0,
+                ("kube-ovn-direct", "not bypassable"): 1.0, ("pending", "not attached"): 1.0}
+        agent.wait_for(lambda: {k: v for k, v in vm_ports(agent.metrics()).items() if v} == want,
+                       "tcbypass_vm_ports counting one bridge (attached), masquerade, direct and pending VM")
+        assert not pins("vm9") and not pins("vm10") and not pins("vm11"), "the agent attached nothing to them"
+    finally:
+        assert agent.stop() == 0

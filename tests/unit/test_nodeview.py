@@ -122,3 +122,39 @@ def test_row_json_keys_are_stable():
     assert list(row.to_json()) == ["vmi", "namespace", "nic", "binding", "state", "reason", "port", "netns",
                                    "attachment"]
     assert dataclasses.asdict(row) == row.to_json()
+
+
+def test_cached_ports_never_make_a_scrape_wait_for_the_survey():
+    import threading
+
+    release, calls = threading.Event(), []
+
+    def slow_survey():
+        calls.append(1)
+        release.wait(5)
+        return nodeview.rows(plans("vm-masq"), [])
+
+    cache = metrics.CachedPorts(slow_survey, refresh=3600)
+    assert cache() is None, "the first scrape does not wait for the first survey"
+    assert cache() is None and len(calls) == 1, "one survey at a time"
+    release.set()
+    cache.wait(5)
+    [row] = cache()
+    assert row.binding == "masquerade" and len(calls) == 1, "fresh enough: no new survey"
+
+
+def test_cached_ports_survey_again_once_stale_and_forget_rows_after_a_failure():
+    results = [nodeview.rows(plans("vm-masq"), []), NetnsError("OVSDB went away")]
+
+    def survey():
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    cache = metrics.CachedPorts(survey, refresh=0)
+    cache()
+    cache.wait(5)
+    assert [r.binding for r in cache()] == ["masquerade"]  # this call starts the second survey
+    cache.wait(5)
+    assert cache() is None, "rows from before a failed survey are not served as current"
