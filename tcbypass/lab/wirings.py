@@ -10,6 +10,8 @@ netpod/masquerade, cmd/cniplugins/passt-binding; Kube-OVN pkg/daemon/ovs_linux.g
                       the nftables NAT rules virt-handler writes with `nft`
   passt               the pod's eth0 left alone, the two sysctls KubeVirt sets for
                       passt, and a real passt process in the pod
+  slirp               the pod's eth0 left alone and a real QEMU in the pod with a
+                      user-mode netdev, as libvirt passed it (KubeVirt dropped slirp in 1.3)
   macvtap             a macvtap device on the pod's eth0
   sriov               stand-in (this kernel has no SR-IOV device and no netdevsim):
                       the OVS port and the pod NIC are two macvlans of one "PF"
@@ -31,6 +33,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -174,6 +177,17 @@ def passt_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default", timeout
         time.sleep(0.02)
     return VmPod(vmi, namespace, "passt", pod_ns, f"{vmi}.{namespace}", host, "eth0",
                  pids=launcher + (("passt", child.pid),))
+
+
+def slirp_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPod:
+    """slirp: QEMU's own user-mode network in the pod (a QEMU with no guest, holding just the netdev)."""
+    pod_ns, host, _mac = _cni_pod(sb, vmi, namespace, [f"{ip}/24"])
+    launcher = _launcher(sb, pod_ns)
+    qemu = sb.spawn(pod_ns, "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S",
+                    "-netdev", '{"type":"user","id":"hostua-default"}',
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return VmPod(vmi, namespace, "slirp", pod_ns, f"{vmi}.{namespace}", host, "eth0",
+                 pids=launcher + (("qemu", qemu.pid),))
 
 
 def macvtap_vm(sb: Sandbox, vmi: str, ip: str, namespace: str = "default") -> VmPod:

@@ -71,6 +71,13 @@ def test_passt_with_no_bridge_and_no_tap(ovs_node):
         f"passt (pid {pod.pid('passt')}) carries the VM's traffic on the pod's own sockets over eth0; nothing to do")
 
 
+def test_slirp_is_a_qemu_with_its_own_user_network(ovs_node):
+    pod = wirings.slirp_vm(ovs_node, "vmu", "10.16.0.29", NS)
+    assert answer(attach(ovs_node, pod), 0) == (
+        "prod/vmu vmu.prod: slirp binding, not bypassable: no bridge and no tap: QEMU's own user-mode network "
+        f"(pid {pod.pid('qemu')}) carries the VM's traffic on the pod's own sockets over eth0; nothing to do")
+
+
 def test_macvtap_on_the_pod_nic(ovs_node):
     # This kernel has macvtap (CONFIG_MACVTAP=y): the real device, no stand-in.
     pod = wirings.macvtap_vm(ovs_node, "vmv", "10.16.0.23", NS)
@@ -139,6 +146,7 @@ def test_status_all_shows_one_row_for_a_vm_of_each_binding(ovs_node, capsys):
         wirings.bridge_vm(sb, "vm-managedtap", "10.16.0.32", NS, managed_tap=True),
         wirings.masquerade_vm(sb, "vm-masquerade", "10.16.0.33", "fd00:10:16::33", NS),
         wirings.passt_vm(sb, "vm-passt", "10.16.0.34", NS),
+        wirings.slirp_vm(sb, "vm-slirp", "10.16.0.40", NS),
         wirings.macvtap_vm(sb, "vm-macvtap", "10.16.0.35", NS),
         wirings.sriov_vm(sb, "vm-sriov", "10.16.0.36", NS),
         wirings.kubeovn_tap_vm(sb, "vm-direct", "10.16.0.37", NS),
@@ -153,6 +161,7 @@ def test_status_all_shows_one_row_for_a_vm_of_each_binding(ovs_node, capsys):
         "vm-managedtap": ("managedTap", "active"),
         "vm-masquerade": ("masquerade", "not bypassable"),
         "vm-passt": ("passt", "not bypassable"),
+        "vm-slirp": ("slirp", "not bypassable"),
         "vm-macvtap": ("macvtap", "not bypassable"),
         "vm-sriov": ("sriov", "not bypassable"),
         "vm-direct": ("kube-ovn-direct", "not bypassable"),

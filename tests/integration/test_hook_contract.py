@@ -80,6 +80,7 @@ def test_post_migration_target_attaches_the_new_pod(ovs_node):
 HEALTHY_WITHOUT_BRIDGE = {
     "masquerade": lambda sb: wirings.masquerade_vm(sb, "vm5", "10.16.0.9", "fd00:10:16::9", "prod"),
     "passt": lambda sb: wirings.passt_vm(sb, "vm5", "10.16.0.9", "prod"),
+    "slirp": lambda sb: wirings.slirp_vm(sb, "vm5", "10.16.0.9", "prod"),
     "macvtap": lambda sb: wirings.macvtap_vm(sb, "vm5", "10.16.0.9", "prod"),
     "sriov": lambda sb: wirings.sriov_vm(sb, "vm5", "10.16.0.9", "prod"),
     "kube-ovn-direct": lambda sb: wirings.kubeovn_tap_vm(sb, "vm5", "10.16.0.9", "prod"),
