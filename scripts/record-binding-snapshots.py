@@ -28,6 +28,7 @@ def main() -> int:
             wirings.bridge_vm(sb, "vm-mtap", "10.16.0.12", "prod", managed_tap=True),
             wirings.masquerade_vm(sb, "vm-masq", "10.16.0.13", "fd00:10:16::13", "prod"),
             wirings.passt_vm(sb, "vm-passt", "10.16.0.14", "prod"),
+            wirings.slirp_vm(sb, "vm-slirp", "10.16.0.20", "prod"),
             wirings.macvtap_vm(sb, "vm-mvtap", "10.16.0.15", "prod"),
             wirings.sriov_vm(sb, "vm-sriov", "10.16.0.16", "prod"),
             wirings.kubeovn_tap_vm(sb, "vm-direct", "10.16.0.17", "prod"),

@@ -96,12 +96,16 @@ def test_passt_by_the_process_alone_where_sysctls_are_default():
 
 
 def test_slirp_is_a_qemu_with_a_user_netdev():
+    r = rec("vm-slirp")
+    assert (r.binding, r.outcome, r.nic) == (b.SLIRP, b.BY_DESIGN, "eth0")
+    assert r.reason == (f"no bridge and no tap: QEMU's own user-mode network (pid {pid('vm-slirp', 'qemu')}) "
+                        "carries the VM's traffic on the pod's own sockets over eth0")
+
+
+def test_slirp_in_the_older_netdev_syntax():
     _, _, pod = PODS["vm-pending"]
-    qemu = Process(4242, "qemu-kvm", ("/usr/libexec/qemu-kvm", "-netdev", '{"type":"user","id":"hostua-default"}'))
-    r = rec("vm-pending", processes=pod.processes + (qemu,))
-    assert (r.binding, r.outcome) == (b.SLIRP, b.BY_DESIGN)
-    assert r.reason == ("no bridge and no tap: QEMU's own user-mode network (pid 4242) carries the VM's traffic "
-                        "on the pod's own sockets over eth0")
+    qemu = Process(4242, "qemu-kvm", ("/usr/libexec/qemu-kvm", "-netdev", "user,id=hostua-default"))
+    assert rec("vm-pending", processes=pod.processes + (qemu,)).binding == b.SLIRP
 
 
 def test_a_qemu_on_a_tap_is_not_slirp():
@@ -205,6 +209,7 @@ def test_a_macvtap_whose_lower_device_is_elsewhere_does_not_count():
 
 @pytest.mark.parametrize("name, binding", [
     ("vm-bridge", b.BRIDGE), ("vm-mtap", b.MANAGED_TAP), ("vm-masq", b.MASQUERADE), ("vm-passt", b.PASST),
+    ("vm-slirp", b.SLIRP),
     ("vm-mvtap", b.MACVTAP), ("vm-sriov", b.SRIOV), ("vm-direct", b.KUBEOVN_DIRECT), ("vm-pending", b.PENDING),
     ("vm-2taps", b.BRIDGE), ("web", b.NOT_A_VM),
 ])

@@ -39,6 +39,7 @@ def test_one_row_per_vm_port_and_none_for_ordinary_pods():
         "vm-mtap": ("managedTap", "not attached"),
         "vm-masq": ("masquerade", "not bypassable"),
         "vm-passt": ("passt", "not bypassable"),
+        "vm-slirp": ("slirp", "not bypassable"),
         "vm-mvtap": ("macvtap", "not bypassable"),
         "vm-sriov": ("sriov", "not bypassable"),
         "vm-direct": ("kube-ovn-direct", "not bypassable"),
