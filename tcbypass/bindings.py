@@ -17,8 +17,9 @@ port's device where OVS runs and a snapshot of the pod's namespace (podnet.py):
                "107 107", ip_unprivileged_port_start 0) or a passt process
   slirp        no bridge, no tap: a QEMU with a user-mode netdev in the pod
   macvtap      a macvtap device whose lower device is the pod NIC
-  sriov        the OVS port is not a veth: Kube-OVN plugs a VF representor that way;
-               the VF is in the pod or passed through to the VM
+  sriov        the OVS port is not a veth: Kube-OVN plugs a VF representor that way
+               (or, on a DPDK smart NIC, an OVS port of type dpdk); the VF is in the
+               pod or passed through to the VM
   kube-ovn-direct  the OVS port is the VM's own tap (or a vhost-user port): already direct
 
 Only bridge and managedTap can be bypassed. A VM pod whose NIC has none of
@@ -114,8 +115,13 @@ def recognise(port: Port, host: Link | None, pod: PodNet) -> Recognition:
         return Recognition(KUBEOVN_DIRECT, BY_DESIGN,
                            f"the VM's NIC is the vhost-user port {port.name} of OVS ({port.type}), "
                            "with no pod bridge in between")
+    if port.type == "dpdk":  # Kube-OVN's representor of a VF on a DPDK smart NIC
+        return Recognition(SRIOV, BY_DESIGN, f"OVS port {port.name} is the DPDK representor of a VF; "
+                                             "the VM's frames never cross a pod bridge")
+    if port.type not in ("", "system"):
+        return Recognition(UNKNOWN, UNEXPECTED, f"port {port.name} is an OVS {port.type} port, not a pod's device")
     if port.ifindex is None:
-        return Recognition(PENDING, NOT_READY,
+        return Recognition(UNKNOWN, NOT_READY,
                            f"OVS has not resolved port {port.name} yet (no ifindex); try again in a moment")
     if host is None:
         return Recognition(UNKNOWN, NOT_READY,

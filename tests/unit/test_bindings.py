@@ -164,6 +164,26 @@ def test_vhost_user_port_is_already_direct_without_a_kernel_device():
                         "with no pod bridge in between")
 
 
+def test_ovs_port_types_kube_ovn_never_gives_a_pod_are_not_taken_for_sriov():
+    port, host, pod = PODS["vm-sriov"]
+    r = recognise(dataclasses.replace(port, type="internal"), dataclasses.replace(host, kind="openvswitch"), pod)
+    assert (r.binding, r.outcome) == (b.UNKNOWN, b.UNEXPECTED)
+    assert r.reason == f"port {port.name} is an OVS internal port, not a pod's device"
+
+
+def test_a_dpdk_representor_is_sriov():
+    port, _, pod = PODS["vm-sriov"]
+    r = recognise(dataclasses.replace(port, type="dpdk", ifindex=None), None, pod)
+    assert (r.binding, r.outcome) == (b.SRIOV, b.BY_DESIGN)
+
+
+def test_a_port_ovs_has_not_resolved_is_not_ready_and_needs_no_deep_read():
+    port, host, pod = PODS["vm-bridge"]
+    r = recognise(dataclasses.replace(port, ifindex=None), host, shallow(pod))
+    assert (r.binding, r.outcome) == (b.UNKNOWN, b.NOT_READY) and "try again" in r.reason
+    assert not needs_deep(r, shallow(pod))
+
+
 def test_a_tun_mode_device_in_ovs_is_not_a_vm_tap():
     port, host, pod = PODS["vm-direct"]
     r = recognise(port, dataclasses.replace(host, tun_type="tun"), pod)
