@@ -302,6 +302,9 @@ def _sriov(port: Port, host: Link, pod: PodNet) -> Recognition:
         f"a {host.kind} device" if host.kind else "a hardware device"
     vf = next((link for ip in (s.strip() for s in port.ip.split(",")) if ip
                for link in [pod.holder_of(ip)] if link is not None), None)
+    if vf is not None and vf.kind == "veth":
+        return Recognition(UNKNOWN, UNEXPECTED, f"OVS port {port.name} is {what}, but the pod's address is on "
+                                                f"the veth {vf.name}, which is not plugged into it", nic=vf.name)
     if vf is not None:
         side = f"the pod's address is on {vf.name}, a {vf.kind or 'hardware'} device and not a veth: the VF"
     else:

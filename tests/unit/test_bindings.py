@@ -140,6 +140,13 @@ def test_sriov_representor_with_the_vf_passed_to_the_vm():
                         "a pod bridge")
 
 
+def test_a_non_veth_port_whose_pod_address_sits_on_a_veth_is_not_sriov():
+    port, host, pod = PODS["vm-sriov"]
+    veth = dataclasses.replace(pod.links["eth0"], kind="veth")
+    r = recognise(port, host, dataclasses.replace(pod, links={**pod.links, "eth0": veth}))
+    assert (r.binding, r.outcome) == (b.UNKNOWN, b.UNEXPECTED) and "not plugged into it" in r.reason
+
+
 def test_an_sriov_pod_without_virt_launcher_is_not_a_vm():
     _, _, pod = PODS["vm-sriov"]
     assert rec("vm-sriov", processes=()).binding == b.NOT_A_VM
