@@ -20,6 +20,7 @@ packages=(
     python3-venv python3-pip
     iproute2 ethtool kmod iputils-ping tcpdump
     openvswitch-switch                   # ovsdb-server and ovs-vswitchd for tests and demo
+    nftables                             # binding tests: masquerade's NAT rules, written as virt-handler does
     qperf iperf3                         # benchmarks
     qemu-system-x86 busybox-static cpio  # VM tests: a real guest on the tap
     vagrant vagrant-libvirt              # to validate vagrant/Vagrantfile (no box is downloaded)
@@ -39,6 +40,12 @@ if [ ! -e "/lib/modules/$kver/build/include" ]; then
         [ "$(dpkg --print-architecture)" = arm64 ] && headers_pkg="linux-headers-arm64"
     fi
     dpkg-query -W -f='${Status}' "$headers_pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$headers_pkg")
+fi
+# passt for the binding tests (a real passt in the passt pod); older releases lack the package.
+if apt-cache show passt >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-cache show passt >/dev/null 2>&1; }; then
+    dpkg-query -W -f='${Status}' passt 2>/dev/null | grep -q 'install ok installed' || missing+=(passt)
+else
+    say "no passt package here: the passt binding test will fail until passt is installed"
 fi
 # The guest kernel for the VM tests (any distribution kernel with virtio_net).
 ls /boot/vmlinuz-* >/dev/null 2>&1 || missing+=(linux-image-amd64)

@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import attachments, build, features, netns, ovsdb
+from . import attachments, build, features, netns, nodeview, ovsdb
 from .errors import NetnsError, NotBypassableError, OvsdbError, TcbError, UnknownVmiError
 from .vmi import Settings, attach_vmi, detach_vmi
 
@@ -130,6 +130,10 @@ class Agent:
                     log.info("detached %s on exit", name)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def node_ports(self) -> list[nodeview.PortRow]:
+        """The node-wide view of VM ports, from the rows the OVSDB monitor holds (for the metrics)."""
+        return nodeview.node_ports(self.settings, ports=list(self._ports.values()))
 
     def managed(self) -> list[str]:
         """Names of the attachments this agent (any agent) manages."""
@@ -252,7 +256,7 @@ class Agent:
         try:
             result = attach_vmi(name, namespace, self.settings, managed_by="agent")
         except (NotBypassableError, UnknownVmiError) as exc:
-            # An ordinary pod, masquerade, or a VM whose tap is not there yet: wait for its devices to change.
+            # An ordinary pod, or a VM not plugged yet: wait for its devices to change.
             log.debug("%s/%s: not bypassed: %s", namespace, name, exc)
             for record in detach_vmi(name, namespace):
                 self.stats.detaches += 1
@@ -276,6 +280,11 @@ class Agent:
                 self.stats.last_reaction_ms[f"{namespace}/{name}"] = (time.monotonic() - since) * 1000
                 log.info("%s/%s: %s %s (%s <-> %s)", namespace, name, done.action, done.record.name,
                          done.record.tap, done.record.nic)
+        for record in result.removed:
+            self.stats.detaches += 1
+            log.info("%s/%s: %s is no longer bypassable, detached", namespace, name, record.name)
+        for plan in result.skipped:
+            log.debug("%s/%s %s: %s", namespace, name, plan.label, plan.recognition.line())
 
     def _collect_orphans(self) -> None:
         live = {(p.pod_namespace, p.pod_name) for p in self._ports.values()}

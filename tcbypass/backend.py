@@ -15,7 +15,7 @@ from .errors import NotRootError
 from .model import AttachResult, AttachSpec, Record, Status
 
 if TYPE_CHECKING:
-    from . import vmi
+    from . import nodeview, vmi
 
 # The core (netlink, bpf) is imported by the methods that use it, so that the
 # CLI's --help and --version start without it.
@@ -52,3 +52,8 @@ class NodeBackend:
         from . import vmi
 
         return vmi.statuses(namespace, name)
+
+    def node_ports(self, namespace: str | None, settings: "vmi.Settings") -> "list[nodeview.PortRow]":
+        from . import nodeview
+
+        return nodeview.node_ports(settings, namespace)

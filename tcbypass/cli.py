@@ -1,7 +1,9 @@
 """The command line: parse, call the core, render. No datapath logic here.
 
-Exit codes: 0 done (or nothing to do), 1 failure, 2 bad usage or input,
-3 degraded (status found attachments that are not active).
+Exit codes: 0 done (or nothing to do, which includes a VMI whose bindings
+have no bridge to bypass), 1 failure, 2 bad usage or input, 3 degraded
+(status found attachments that are not active; status --all also counts VM
+ports that could be on the fast path and are not).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # rich and the core load only when a command needs them: the 
     from rich.console import Console
     from rich.table import Table
 
+    from .nodeview import PortRow
     from .vmi import Settings
 
 DEFAULT_NAMESPACE = "default"
@@ -144,11 +147,15 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
     """Bypass the in-pod bridge for VMI's bridge-bound NICs.
 
     Finds the VMI's ports in OVSDB (Kube-OVN's external_ids: pod_name is the
-    VM name, pod_namespace, pod_netns), follows each host port's veth into
-    the pod, checks it sits on a KubeVirt bridge (k6t-*) with exactly one
-    tap, and attaches the fast path there. Exit 0 when attached, also when
-    already attached; after a VM restart (new tap) it refreshes the maps and
-    filters.
+    VM name, pod_namespace, pod_netns), recognises each NIC's KubeVirt
+    binding from what is in the pod, and attaches the fast path where the
+    pod NIC and exactly one tap share a KubeVirt bridge (bridge, managedTap).
+    Exit 0 when attached, also when already attached; after a VM restart
+    (new tap) it refreshes the maps and filters. Exit 0 too, with one line
+    per NIC naming its binding, when every NIC uses a binding that has no
+    bridge to bypass (masquerade, passt, macvtap, SR-IOV, Kube-OVN's direct
+    tap). Exit 1 when the VMI is unknown, its pod is gone, or a NIC is not
+    plugged yet or wired in a way tcbypass cannot serve.
 
     \b
     Examples:
@@ -180,8 +187,8 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
     for done in result.attached:
         _print_result(app, f"{namespace}/{vmi} ", done)
     for plan in result.skipped:
-        app.console.print(f"{namespace}/{vmi} {plan.port.iface_id or plan.port.name}: not bypassed, "
-                          f"{plan.reason}", highlight=False)
+        app.console.print(f"{namespace}/{vmi} {plan.label}: {plan.recognition.line()}", highlight=False,
+                          soft_wrap=True)
     for record in result.removed:
         app.console.print(f"{namespace}/{vmi} {record.name}: detached (the VMI no longer has this NIC)",
                           highlight=False)
@@ -227,9 +234,14 @@ def detach(app: App, target: str, namespace: str, remove_qdisc: bool) -> None:
 @click.argument("vmi", required=False)
 @click.option("-n", "--namespace", default=None,
               help="Only this Kubernetes namespace (default: all; 'default' when a VMI is given).")
+@click.option("--all", "all_ports", is_flag=True,
+              help="Every Kube-OVN VM port on this node, attached or not: binding, state and why.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with stable snake_case keys.")
+@_ovsdb_option
+@_ovs_netns_option
 @click.pass_obj
-def status(app: App, vmi: str | None, namespace: str | None, as_json: bool) -> None:
+def status(app: App, vmi: str | None, namespace: str | None, all_ports: bool, as_json: bool,
+           ovsdb_url: str | None, ovs_netns: str | None) -> None:
     """Show attachments on this node: one row per NIC, its state and counters.
 
     \b
@@ -242,8 +254,30 @@ def status(app: App, vmi: str | None, namespace: str | None, as_json: bool) -> N
     pod veth), peer-host (only those for the host side itself; the rest
     through the pod NIC) or redirect (all through the pod NIC).
     Exit code 3 when any row shown is not active.
+
+    \b
+    With --all, every Kube-OVN VM port on the node (read from OVSDB and the
+    pods; --ovsdb as for attach), one row per NIC with its KubeVirt binding
+    (bridge, managedTap, masquerade, passt, slirp, macvtap, sriov,
+    kube-ovn-direct, pending) and a state: the three above, or
+      not attached    bypassable, or still being plugged, and not attached
+      not bypassable  no bridge to bypass (or a wiring tcbypass cannot serve)
+    Exit code 3 when any port is stale, orphaned or not attached.
     """
+    if all_ports and vmi:
+        raise click.UsageError("--all lists every VM port of the node; filter with -n NAMESPACE, not a VMI")
     _require_root(app, "status")
+    if all_ports:
+        from .nodeview import DEGRADED
+
+        port_rows = _run(app, app.backend.node_ports, namespace, _settings(ovsdb_url, ovs_netns))
+        if as_json:
+            click.echo(json.dumps([row.to_json() for row in port_rows], indent=2))
+        else:
+            app.console.print(ports_table(port_rows))
+        if any(row.state in DEGRADED for row in port_rows):
+            sys.exit(EXIT_DEGRADED)
+        return
     if vmi and namespace is None:
         namespace = DEFAULT_NAMESPACE
     rows = _run(app, app.backend.statuses, namespace, vmi)
@@ -253,6 +287,10 @@ def status(app: App, vmi: str | None, namespace: str | None, as_json: bool) -> N
         app.console.print(status_table(rows))
     if any(s.state != STATE_ACTIVE for s in rows):
         sys.exit(EXIT_DEGRADED)
+
+
+_STATE_COLOUR = {"active": "green", "stale": "yellow", "orphaned": "red", "not attached": "yellow",
+                 "not bypassable": "dim"}
 
 
 def status_table(rows: list[Status]) -> "Table | str":
@@ -266,11 +304,10 @@ def status_table(rows: list[Status]) -> "Table | str":
     table.add_column("from VM\npkts / bytes", justify="right")
     table.add_column("to VM\npkts / bytes", justify="right")
     table.add_column("passed to the bridge\n(packets by reason)")
-    colour = {"active": "green", "stale": "yellow", "orphaned": "red"}
     for s in rows:
         r, c = s.record, s.counters
         passed = "\n".join(f"{k} {v}" for k, v in c.passed.items() if v) or "-"
-        state = f"[{colour.get(s.state, 'white')}]{s.state}[/]"
+        state = f"[{_STATE_COLOUR.get(s.state, 'white')}]{s.state}[/]"
         if s.problems:
             state += "\n" + "\n".join(f"[dim]{p}[/]" for p in s.problems)
         table.add_row(f"{r.namespace}/{r.vmi}" if r.vmi else "-", r.iface_id or r.name, r.netns, r.tap, r.nic,
@@ -278,6 +315,25 @@ def status_table(rows: list[Status]) -> "Table | str":
                       f"{c.redirect_packets['from_vm']} / {_bytes(c.redirect_bytes['from_vm'])}",
                       f"{c.redirect_packets['to_vm']} / {_bytes(c.redirect_bytes['to_vm'])}",
                       passed)
+    return table
+
+
+def ports_table(rows: "list[PortRow]") -> "Table | str":
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not rows:
+        return "No Kube-OVN VM ports on this node."
+    table = Table(title="VM ports on this node", title_justify="left")
+    table.add_column("VMI", overflow="fold")
+    table.add_column("NIC (iface-id)", overflow="fold")
+    table.add_column("binding", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("reason", ratio=1, overflow="fold")
+    for row in rows:
+        colour = _STATE_COLOUR.get(row.state, "white")
+        table.add_row(f"{row.namespace}/{row.vmi}", row.nic, row.binding, f"[{colour}]{row.state}[/]",
+                      escape(row.reason))
     return table
 
 
@@ -308,9 +364,12 @@ def gc(app: App) -> None:
               help="Serve Prometheus metrics here ('' to turn off).")
 @click.option("--detach-on-exit", is_flag=True,
               help="On SIGTERM, detach what the agent attached (default: leave the fast path running).")
+@click.option("--ports-refresh", type=click.FloatRange(min=0.1), default=15.0, show_default=True, metavar="SECONDS",
+              help="How often the tcbypass_vm_ports gauge re-reads every pod (in the background; a scrape never "
+                   "waits for it).")
 @click.pass_obj
 def agent(app: App, ovsdb_url: str | None, ovs_netns: str | None, metrics_address: str,
-          detach_on_exit: bool) -> None:
+          detach_on_exit: bool, ports_refresh: float) -> None:
     """Run on a node: keep every Kube-OVN VM port bypassed, as VMs come and go.
 
     Watches OVSDB (a monitor of the Interface table) and each pod's devices
@@ -329,7 +388,7 @@ def agent(app: App, ovsdb_url: str | None, ovs_netns: str | None, metrics_addres
         from . import metrics
 
         try:
-            metrics.serve(metrics_address, metrics.registry(worker))
+            metrics.serve(metrics_address, metrics.registry(worker, ports_refresh=ports_refresh))
         except (OSError, ValueError) as exc:
             app.err.print(f"error: cannot serve metrics on {metrics_address} ({exc}); "
                           "choose another --metrics-address", highlight=False, soft_wrap=True)

@@ -1,14 +1,21 @@
-"""Prometheus metrics of the node's attachments, read from the pinned maps at scrape time."""
+"""Prometheus metrics of the node's attachments, read from the pinned maps at scrape time,
+and of the node's VM ports by binding and fast-path state (nodeview.py)."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from . import attachments
+from . import attachments, bindings, nodeview
+from .errors import TcbError
 from .model import STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, Status
+
+log = logging.getLogger(__name__)
 
 LABELS = ["vmi", "namespace", "iface_id", "name"]
 
@@ -18,10 +25,71 @@ def _labels(s: Status) -> list[str]:
     return [r.vmi, r.namespace, r.iface_id, r.name]
 
 
+PORTS_REFRESH = 15.0  # seconds between two surveys of every pod for tcbypass_vm_ports
+
+
+class CachedPorts:
+    """The node-wide view for scrapes, surveyed in a background thread at most every `refresh` seconds.
+
+    A survey reads every pod (about 20 ms each on a small machine); a scrape, and the
+    liveness probe that GETs /metrics with Kubernetes' 1 s default timeout, must not
+    wait for it. Returns None until the first survey is done, and after one failed
+    (rows from before the failure would be stale without saying so).
+    """
+
+    def __init__(self, compute: Callable[[], list[nodeview.PortRow]], refresh: float = PORTS_REFRESH):
+        self._compute = compute
+        self._refresh = refresh
+        self._lock = threading.Lock()
+        self._rows: list[nodeview.PortRow] | None = None
+        self._at: float | None = None  # when the last survey started
+        self._thread: threading.Thread | None = None
+
+    def __call__(self) -> list[nodeview.PortRow] | None:
+        with self._lock:
+            due = self._at is None or time.monotonic() - self._at >= self._refresh
+            if due and (self._thread is None or not self._thread.is_alive()):
+                self._at = time.monotonic()
+                self._thread = threading.Thread(target=self._survey, name="tcbypass-vm-ports", daemon=True)
+                self._thread.start()
+            return self._rows
+
+    def _survey(self) -> None:
+        try:
+            rows = self._compute()
+        except TcbError as exc:
+            log.warning("cannot count the VM ports for tcbypass_vm_ports: %s", exc)
+            rows = None
+        except Exception:  # a bug must not kill the thread silently and freeze the gauge
+            log.exception("surveying the VM ports failed")
+            rows = None
+        with self._lock:
+            self._rows = rows
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a survey under way (tests)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
+def vm_ports_gauge(port_rows: list[nodeview.PortRow]) -> GaugeMetricFamily:
+    """VM ports by binding and state; every pair is present (0 when none), so dashboards need no absent()."""
+    gauge = GaugeMetricFamily("tcbypass_vm_ports", "Kube-OVN VM ports on this node by KubeVirt binding and "
+                              "fast-path state.", labels=["binding", "state"])
+    seen = nodeview.counts(port_rows)
+    for binding in bindings.BINDINGS + (nodeview.NO_BINDING,):
+        for state in nodeview.STATES:
+            gauge.add_metric([binding, state], float(seen.get((binding, state), 0)))
+    return gauge
+
+
 class AttachmentCollector(Collector):
-    def __init__(self, statuses: Callable[[], list[Status]] = attachments.statuses, agent=None):
+    def __init__(self, statuses: Callable[[], list[Status]] = attachments.statuses, agent=None,
+                 ports: Callable[[], list[nodeview.PortRow] | None] | None = None):
         self._statuses = statuses
         self._agent = agent
+        self._ports = ports
 
     def collect(self) -> Iterable:
         rows = self._statuses()
@@ -44,6 +112,14 @@ class AttachmentCollector(Collector):
             for name in (STATE_ACTIVE, STATE_STALE, STATE_ORPHANED):
                 state.add_metric(base + [name], 1.0 if s.state == name else 0.0)
         yield from (packets, octets, passed, state)
+        if self._ports is not None:
+            try:
+                port_rows = self._ports()
+            except TcbError as exc:
+                log.warning("cannot count the VM ports for tcbypass_vm_ports: %s", exc)
+                port_rows = None
+            if port_rows is not None:
+                yield vm_ports_gauge(port_rows)
         if self._agent is not None:
             st = self._agent.stats
             for metric, help_text, value in (
@@ -57,9 +133,14 @@ class AttachmentCollector(Collector):
                 yield c
 
 
-def registry(agent=None, statuses: Callable[[], list[Status]] = attachments.statuses) -> CollectorRegistry:
+def registry(agent=None, statuses: Callable[[], list[Status]] = attachments.statuses,
+             ports: Callable[[], list[nodeview.PortRow] | None] | None = None,
+             ports_refresh: float = PORTS_REFRESH) -> CollectorRegistry:
+    """`ports` defaults to the agent's node-wide view, surveyed in the background, when an agent is given."""
+    if ports is None and agent is not None:
+        ports = CachedPorts(agent.node_ports, ports_refresh)
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(AttachmentCollector(statuses, agent))
+    reg.register(AttachmentCollector(statuses, agent, ports))
     return reg
 
 

@@ -67,6 +67,7 @@ class Port:
     ifindex: int | None  # None until OVS has resolved the device
     ofport: int | None
     external_ids: dict = field(default_factory=dict, compare=False, hash=False)
+    type: str = ""  # the Interface's OVS type: "" (a kernel device), dpdkvhostuserclient, ...
 
 
 def decode_port(row: dict) -> Port | None:
@@ -84,6 +85,7 @@ def decode_port(row: dict) -> Port | None:
         ifindex=_optional_int(row.get("ifindex", ["set", []])),
         ofport=_optional_int(row.get("ofport", ["set", []])),
         external_ids=ids,
+        type=row.get("type", "") if isinstance(row.get("type", ""), str) else "",
     )
 
 

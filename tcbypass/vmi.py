@@ -1,9 +1,12 @@
 """`attach <vmi>`, `detach <vmi>`, `status`: VMIs on top of attachments.
 
-A VMI's bridge-bound NICs are discovered from Kube-OVN's port rows in OVSDB
-and the devices in the pod (discovery.py); each becomes one attachment named
-by its Kube-OVN iface-id. Attaching a VMI is all or nothing: if one NIC
-fails, the NICs this call attached are detached again.
+A VMI's NICs are discovered from Kube-OVN's port rows in OVSDB and what is
+in the pod (discovery.py, bindings.py); each bridge-bound NIC becomes one
+attachment named by its Kube-OVN iface-id. Attaching a VMI is all or
+nothing: if one NIC fails, the NICs this call attached are detached again.
+A VMI whose NICs all use healthy bindings with no bridge to bypass
+(masquerade, passt, macvtap, SR-IOV, Kube-OVN's direct tap) is a no-op,
+not a failure: nothing is wrong with it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from . import attachments, netdev, netns, ovsdb
+from . import attachments, bindings, netdev, netns, ovsdb, podnet
 from .discovery import NicPlan, plan_nic
-from .errors import NetnsError, NotBypassableError, UnknownVmiError
+from .errors import NetnsError, NotBypassableError, TcbError, UnknownVmiError
 from .model import AttachResult, Record, Status, check_name
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ class VmiResult:
     vmi: str
     namespace: str
     attached: tuple[AttachResult, ...]
-    skipped: tuple[NicPlan, ...]  # NICs that are not bridge-bound (with the reason)
+    skipped: tuple[NicPlan, ...]  # NICs that are not bypassed (with their binding and the reason)
     removed: tuple[Record, ...]  # attachments of NICs the VMI no longer has
 
 
@@ -51,6 +54,47 @@ def _host_links(settings: Settings) -> dict[str, netdev.Link]:
         return netdev.list_links(ipr)
 
 
+def survey(ports: list[ovsdb.Port], settings: Settings,
+           dhcp_to_bridge: bool = True) -> list[tuple[ovsdb.Port, NicPlan | TcbError]]:
+    """A plan for each port, or the error that kept its pod from being read.
+
+    Pods are read shallow first (devices, addresses); NAT rules, sysctls and
+    processes only for the pods whose answer depends on them.
+    """
+    host = _host_links(settings)
+    pods: dict[str, podnet.PodNet | TcbError] = {}
+    processes = None
+    out: list[tuple[ovsdb.Port, NicPlan | TcbError]] = []
+    for port in ports:
+        path = port.pod_netns
+        if path not in pods:
+            try:
+                if netns.identity_of(path) is None:
+                    raise NetnsError(f"the pod network namespace of {port.pod_name or port.name} "
+                                     f"({path or 'unset'}) is gone",
+                                     hint="the virt-launcher pod is not running on this node; nothing to attach")
+                pods[path] = podnet.read(path)
+            except TcbError as exc:
+                pods[path] = exc
+        pod = pods[path]
+        if isinstance(pod, TcbError):
+            out.append((port, pod))
+            continue
+        plan = plan_nic(port, host.get(port.name), pod, dhcp_to_bridge)
+        if bindings.needs_deep(plan.recognition, pod):
+            if processes is None:
+                processes = podnet.processes_by_netns()
+            try:
+                pods[path] = pod = podnet.deepen(pod, processes)
+            except TcbError as exc:
+                pods[path] = exc
+                out.append((port, exc))
+                continue
+            plan = plan_nic(port, host.get(port.name), pod, dhcp_to_bridge)
+        out.append((port, plan))
+    return out
+
+
 def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True) -> list[NicPlan]:
     """One plan per Kube-OVN port of the VMI; raises when the VMI is unknown or its pod is gone."""
     ports = ovsdb.kubeovn_ports(settings.url, settings.ovsdb_timeout, pod_namespace=namespace)
@@ -60,31 +104,32 @@ def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool 
         listing = ", ".join(known) if known else "none"
         raise UnknownVmiError(f"no VMI {vmi!r} in namespace {namespace!r} on this node",
                               hint=f"pods and VMIs with Kube-OVN ports in {namespace!r} here: {listing}")
-    host = _host_links(settings)
-    pod_links: dict[str, dict[str, netdev.Link]] = {}
     plans = []
-    for port in mine:
-        if port.pod_netns not in pod_links:
-            if netns.identity_of(port.pod_netns) is None:
-                raise NetnsError(f"the pod network namespace of {vmi} ({port.pod_netns or 'unset'}) is gone",
-                                 hint="the virt-launcher pod is not running on this node; nothing to attach")
-            with netdev.open_netns(port.pod_netns) as ipr:
-                pod_links[port.pod_netns] = netdev.list_links(ipr)
-        plans.append(plan_nic(port, host.get(port.name), pod_links[port.pod_netns], dhcp_to_bridge))
+    for _port, found in survey(mine, settings, dhcp_to_bridge):
+        if isinstance(found, TcbError):
+            raise found
+        plans.append(found)
     return plans
 
 
 def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
                managed_by: str = "cli", hook: str = "", from_vm: str = "") -> VmiResult:
     """Attach every bridge-bound NIC of the VMI (all or nothing); `managed_by` is recorded for status,
-    `hook` and `from_vm` as in AttachSpec ("" lets the kernel's features decide)."""
+    `hook` and `from_vm` as in AttachSpec ("" lets the kernel's features decide).
+
+    Returns with nothing attached when every NIC uses a healthy binding that
+    has no bridge to bypass; raises NotBypassableError when no NIC can be
+    bypassed and some NIC is not ready or wired in a way tcbypass does not know.
+    """
     plans = discover(vmi, namespace, settings, dhcp_to_bridge)
     good = [p for p in plans if p.ok]
     skipped = tuple(p for p in plans if not p.ok)
-    if not good:
-        reasons = "; ".join(f"{p.port.iface_id or p.port.name}: {p.reason}" for p in skipped)
-        raise NotBypassableError(f"VMI {namespace}/{vmi} has no bypassable NIC ({reasons})",
-                                 hint="tcbypass serves KubeVirt's bridge binding (and managedTap) only")
+    if not good and not all(p.healthy for p in plans):
+        reasons = "; ".join(f"{p.label}: {p.recognition.line()}" for p in skipped)
+        waiting = any(p.recognition.outcome == bindings.NOT_READY for p in skipped)
+        hint = ("attach again once virt-handler has plugged the pod (the agent does so by itself)" if waiting
+                else "tcbypass bypasses the bridge of KubeVirt's bridge and managedTap bindings only")
+        raise NotBypassableError(f"VMI {namespace}/{vmi} has no bypassable NIC ({reasons})", hint=hint)
     done: list[AttachResult] = []
     try:
         for plan in good:

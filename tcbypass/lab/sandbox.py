@@ -134,6 +134,7 @@ class Sandbox:
     run_dir: str = ""
     bridge: str = "br-int"
     _pids: list = field(default_factory=list)
+    _children: list = field(default_factory=list)  # helper processes started with spawn()
 
     # --- lifecycle --------------------------------------------------------
     def __enter__(self) -> "Sandbox":
@@ -150,6 +151,16 @@ class Sandbox:
         self.close()
 
     def close(self) -> None:
+        for child in self._children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self._children:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self._children.clear()
         for pid in reversed(self._pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -183,6 +194,14 @@ class Sandbox:
     @staticmethod
     def netns_path(name: str) -> str:
         return f"{NETNS_DIR}/{name}"
+
+    def spawn(self, netns: str, *args: str, **popen) -> subprocess.Popen:
+        """Start a helper process inside `netns` (nsenter execs it, so the pid is the process's own);
+        close() stops it."""
+        child = subprocess.Popen(["nsenter", f"--net={NETNS_DIR}/{netns}", "--", *args],
+                                 stdin=subprocess.DEVNULL, **popen)
+        self._children.append(child)
+        return child
 
     # --- private OVS --------------------------------------------------------
     @property
@@ -234,24 +253,34 @@ class Sandbox:
         self._pids.insert(0, self._pid("ovsdb-server"))
 
     # --- pods ---------------------------------------------------------------
-    def _plug(self, pod_ns: str, pod_dev: str, pod_name: str, namespace: str, iface_id: str, ip: str,
+    def plug(self, pod_ns: str, pod_dev: str, pod_name: str, namespace: str, iface_id: str, ip: str,
               container_id: str, suffix: str = "") -> str:
         """What Kube-OVN's CNI does: a veth, the host end in br-int with its external_ids."""
-        host = f"{container_id[:12 - len(suffix)]}{suffix}_h"
+        host = self.host_port_name(container_id, suffix)
         sh("ip", "link", "add", host, "netns", self.node, "type", "veth", "peer", "name", pod_dev, "netns", pod_ns)
         sh("ip", "link", "set", host, "up", netns=self.node)
         if self.ovs:
-            ids = {"iface-id": iface_id, "vendor": "kube-ovn", "pod_name": pod_name, "pod_namespace": namespace,
-                   "ip": ip, "pod_netns": self.netns_path(pod_ns)}
-            self.vsctl("--may-exist", "add-port", self.bridge, host, "--", "set", "interface", host,
-                       *[f"external_ids:{k}={json.dumps(v)}" for k, v in ids.items()])
+            self.add_kubeovn_port(host, pod_ns, pod_name, namespace, iface_id, ip)
         return host
+
+    @staticmethod
+    def host_port_name(container_id: str, suffix: str = "") -> str:
+        """Kube-OVN's name for the node end of a pod NIC: <containerID[:12]>_h."""
+        return f"{container_id[:12 - len(suffix)]}{suffix}_h"
+
+    def add_kubeovn_port(self, host: str, pod_ns: str, pod_name: str, namespace: str, iface_id: str,
+                         ip: str) -> None:
+        """Put the node device `host` into br-int with the external_ids Kube-OVN writes for a pod NIC."""
+        ids = {"iface-id": iface_id, "vendor": "kube-ovn", "pod_name": pod_name, "pod_namespace": namespace,
+               "ip": ip, "pod_netns": self.netns_path(pod_ns)}
+        self.vsctl("--may-exist", "add-port", self.bridge, host, "--", "set", "interface", host,
+                   *[f"external_ids:{k}={json.dumps(v)}" for k, v in ids.items()])
 
     def add_server_pod(self, name: str, ip: str, namespace: str = "default", prefix: int = 24) -> str:
         """An ordinary pod on the same node: the VM's peer for traffic."""
         ns = self.add_netns(f"srv-{name}"[:20])
         cid = secrets.token_hex(32)
-        self._plug(ns, "eth0", name, namespace, f"{name}.{namespace}", ip, cid)
+        self.plug(ns, "eth0", name, namespace, f"{name}.{namespace}", ip, cid)
         sh("ip", "link", "set", "eth0", "address", mac_for(f"{self.tag}{name}"), netns=ns)
         sh("ip", "addr", "add", f"{ip}/{prefix}", "dev", "eth0", netns=ns)
         sh("ip", "link", "set", "eth0", "up", netns=ns)
@@ -260,13 +289,14 @@ class Sandbox:
         return ns
 
     def add_vm(self, vmi: str, ips: list[str], namespace: str = "default", vm_link: str = "veth",
-               providers: tuple[str, ...] = ()) -> list[VmNic]:
+               providers: tuple[str, ...] = (), managed_tap: bool = False) -> list[VmNic]:
         """A virt-launcher pod with bridge binding for VMI `vmi`: one NIC per IP.
 
         The first NIC is the primary (tap0, k6t-eth0, eth0-nic, dummy eth0);
         the others are secondary (tap<hash>, k6t-<hash>, <hash>-nic, dummy
         pod<hash>), each plugged into OVS by Kube-OVN as provider
-        `providers[i-1]`.
+        `providers[i-1]`. `managed_tap`: the managedTap binding, the same
+        wiring without the address virt-launcher's DHCP server answers on.
         """
         pod_ns = self.add_netns(f"pod-{vmi}"[:20])
         vm_ns = self.add_netns(f"vm-{vmi}"[:20]) if vm_link == "veth" else ""
@@ -284,13 +314,13 @@ class Sandbox:
             mac = mac_for(f"{self.tag}{vmi}{i}")
             nic = VmNic(iface_id=iface_id, pod_ns=pod_ns, vm_ns=vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
                         host_port="", **names)
-            nic.host_port = self._plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ip, cid, suffix)
-            self._bridge_bind(nic)
+            nic.host_port = self.plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ip, cid, suffix)
+            self._bridge_bind(nic, dhcp_address=None if managed_tap else f"169.254.75.1{i}/32")
             nics.append(nic)
         return nics
 
-    def _bridge_bind(self, nic: VmNic) -> None:
-        """What virt-handler does for bridge binding, inside the pod."""
+    def _bridge_bind(self, nic: VmNic, dhcp_address: str | None = "169.254.75.10/32") -> None:
+        """What virt-handler does for bridge binding (managedTap: no `dhcp_address`), inside the pod."""
         p = nic.pod_ns
         # The CNI's interface carries the pod's MAC and IP. KubeVirt renames it,
         # gives it a new MAC, and moves the MAC and IP to a dummy of the old name.
@@ -302,7 +332,8 @@ class Sandbox:
         sh("ip", "link", "set", nic.dummy, "address", nic.mac, netns=p)
         sh("ip", "addr", "add", f"{nic.ip}/{nic.prefix}", "dev", nic.dummy, netns=p)
         sh("ip", "link", "add", nic.bridge, "type", "bridge", netns=p)
-        sh("ip", "addr", "add", "169.254.75.10/32", "dev", nic.bridge, netns=p)
+        if dhcp_address:
+            sh("ip", "addr", "add", dhcp_address, "dev", nic.bridge, netns=p)
         self._plug_vm(nic)
         sh("ip", "link", "set", nic.nic, "master", nic.bridge, netns=p)
         sh("ip", "link", "set", nic.nic, "up", netns=p)

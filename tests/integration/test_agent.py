@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from tcbypass import attachments, vmi
+from tcbypass.lab import wirings
 from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import pins
 
@@ -163,3 +164,30 @@ def test_metrics_endpoint_serves_the_counters(node, agent, capsys):
            'vmi="vm7"} 1.0' in text
     report(capsys, "metrics sample:\n      " + "\n      ".join(
         line for line in text.splitlines() if 'vmi="vm7"' in line and not line.endswith(" 0.0"))[:1500])
+
+
+def vm_ports(text: str | None) -> dict[tuple[str, str], float]:
+    """tcbypass_vm_ports samples: (binding, state) -> value."""
+    out = {}
+    for line in (text or "").splitlines():
+        if line.startswith("tcbypass_vm_ports{"):
+            labels, value = line.rsplit(" ", 1)
+            pairs = dict(p.split("=", 1) for p in labels[len("tcbypass_vm_ports{"):-1].split(","))
+            out[(pairs["binding"].strip('"'), pairs["state"].strip('"'))] = float(value)
+    return out
+
+
+def test_metrics_count_vm_ports_by_binding_and_state(node):
+    agent = RunningAgent(node, "--ports-refresh", "0.2")
+    try:
+        node.add_vm("vm8", ["10.16.0.12"], namespace="prod")
+        wirings.masquerade_vm(node, "vm9", "10.16.0.13", "fd00:10:16::13", "prod")
+        wirings.kubeovn_tap_vm(node, "vm10", "10.16.0.14", "prod")
+        wirings.pending_vm(node, "vm11", "10.16.0.15", "prod")
+        want = {("bridge", "active"): 1.0, ("masquerade", "not bypassable"): 1.0,
+                ("kube-ovn-direct", "not bypassable"): 1.0, ("pending", "not attached"): 1.0}
+        agent.wait_for(lambda: {k: v for k, v in vm_ports(agent.metrics()).items() if v} == want,
+                       "tcbypass_vm_ports counting one bridge (attached), masquerade, direct and pending VM")
+        assert not pins("vm9") and not pins("vm10") and not pins("vm11"), "the agent attached nothing to them"
+    finally:
+        assert agent.stop() == 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
+from tcbypass.lab import wirings
 from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import pins, run_cli
 
@@ -70,3 +73,58 @@ def test_post_migration_target_attaches_the_new_pod(ovs_node):
     assert row["state"] == "active" and row["netns"] == sb.netns_path(new.pod_ns)
     sb.block_bridge_unicast(new)
     assert ping(new.vm_ns, SERVER_IP, count=3) == (3, 3)
+
+
+# --- exit codes a hook sees for each binding (docs/hooks.md) ----------------------------------------
+
+HEALTHY_WITHOUT_BRIDGE = {
+    "masquerade": lambda sb: wirings.masquerade_vm(sb, "vm5", "10.16.0.9", "fd00:10:16::9", "prod"),
+    "passt": lambda sb: wirings.passt_vm(sb, "vm5", "10.16.0.9", "prod"),
+    "slirp": lambda sb: wirings.slirp_vm(sb, "vm5", "10.16.0.9", "prod"),
+    "macvtap": lambda sb: wirings.macvtap_vm(sb, "vm5", "10.16.0.9", "prod"),
+    "sriov": lambda sb: wirings.sriov_vm(sb, "vm5", "10.16.0.9", "prod"),
+    "kube-ovn-direct": lambda sb: wirings.kubeovn_tap_vm(sb, "vm5", "10.16.0.9", "prod"),
+}
+
+
+@pytest.mark.parametrize("binding", sorted(HEALTHY_WITHOUT_BRIDGE))
+def test_post_plug_attach_on_a_healthy_binding_without_a_bridge_exits_0(ovs_node, binding):
+    """A hook that fails on non-zero must not fail the start of a masquerade, passt, macvtap,
+    SR-IOV or Kube-OVN-direct VM: nothing is wrong with it, there is just nothing to bypass."""
+    sb = ovs_node
+    pod = HEALTHY_WITHOUT_BRIDGE[binding](sb)
+    proc = run_cli("attach", "vm5", "-n", "prod", env=env_of(sb))
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    [line] = proc.stdout.splitlines()
+    assert line.startswith(f"prod/vm5 vm5.prod: {binding} binding, ") and line.endswith("; nothing to do")
+    assert not pins("vm5")
+    proc = run_cli("status", "vm5", "-n", "prod", "--json")  # the hook's check: nothing attached, nothing degraded
+    assert (proc.returncode, json.loads(proc.stdout)) == (0, [])
+    assert pod.binding == binding
+
+
+def test_post_plug_attach_before_the_pod_is_plugged_exits_1(ovs_node):
+    sb = ovs_node
+    wirings.pending_vm(sb, "vm6", "10.16.0.10", "prod")
+    proc = run_cli("attach", "vm6", "-n", "prod", env=env_of(sb))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: VMI prod/vm6 has no bypassable NIC (vm6.prod: no binding yet, the pod is "
+                                  "still being plugged")
+    assert not pins("vm6")
+
+
+def test_post_plug_attach_on_an_unknown_vmi_exits_1(ovs_node):
+    sb = ovs_node
+    wirings.masquerade_vm(sb, "vm7", "10.16.0.11", "fd00:10:16::11", "prod")
+    proc = run_cli("attach", "nosuchvm", "-n", "prod", env=env_of(sb))
+    assert proc.returncode == 1 and proc.stderr.startswith("error: no VMI 'nosuchvm' in namespace 'prod'")
+    assert "vm7" in proc.stderr
+
+
+def test_post_plug_attach_when_the_pod_is_gone_exits_1(ovs_node):
+    sb = ovs_node
+    pod = wirings.passt_vm(sb, "vm8", "10.16.0.12", "prod")
+    sh("ip", "netns", "delete", pod.pod_ns)
+    sb.netns_names.remove(pod.pod_ns)
+    proc = run_cli("attach", "vm8", "-n", "prod", env=env_of(sb))
+    assert proc.returncode == 1 and "pod network namespace of vm8" in proc.stderr and "is gone" in proc.stderr

@@ -8,13 +8,19 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from tcbypass import bindings
+from tcbypass.bindings import Recognition
 from tcbypass.cli import App, main
 from tcbypass.discovery import NicPlan
-from tcbypass.errors import NotRootError, OvsdbError, UnknownVmiError
+from tcbypass.errors import NotBypassableError, NotRootError, OvsdbError, UnknownVmiError
 from tcbypass.maps import Counters
 from tcbypass.model import AttachResult, Record, Status
+from tcbypass.nodeview import PortRow
 from tcbypass.ovsdb import Port
 from tcbypass.vmi import VmiResult
+
+SRIOV = Recognition(bindings.SRIOV, bindings.BY_DESIGN, "OVS port x_h is a VF representor, not a veth")
+MASQ = Recognition(bindings.MASQUERADE, bindings.BY_DESIGN, "tap0 sits on k6t-eth0, which routes 10.0.2.1/24")
 
 
 def record(name="vm1.prod", **changes) -> Record:
@@ -26,8 +32,9 @@ def record(name="vm1.prod", **changes) -> Record:
 
 
 class FakeBackend:
-    def __init__(self, fail=None, root=True, rows=()):
+    def __init__(self, fail=None, root=True, rows=(), port_rows=(), attached=True):
         self.calls, self.fail, self.root, self.rows = [], fail, root, list(rows)
+        self.port_rows, self.attached = list(port_rows), attached
 
     def _maybe_fail(self):
         if self.fail:
@@ -46,7 +53,10 @@ class FakeBackend:
         self.calls.append(("attach_vmi", name, namespace, settings, dhcp_to_bridge))
         self.options = (hook, from_vm)
         self._maybe_fail()
-        skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, "not a veth")
+        skipped = NicPlan(Port("x_h", "vm1.prod.sriov", "vm1", "prod", "/p", "", 1, 1), None, SRIOV)
+        if not self.attached:
+            masq = NicPlan(Port("y_h", "vm1.prod", "vm1", "prod", "/p", "", 2, 2), None, MASQ)
+            return VmiResult(name, namespace, (), (masq,), ())
         return VmiResult(name, namespace, (AttachResult(record(), "unchanged", 0.002),), (skipped,), ())
 
     def detach(self, target, namespace, remove_qdisc=False):
@@ -57,6 +67,10 @@ class FakeBackend:
     def statuses(self, namespace, name):
         self.calls.append(("statuses", namespace, name))
         return self.rows
+
+    def node_ports(self, namespace, settings):
+        self.calls.append(("node_ports", namespace, settings))
+        return self.port_rows
 
 
 def invoke(backend, *args, env=None):
@@ -69,7 +83,8 @@ def test_attach_vmi_reports_each_nic_and_the_ones_skipped():
     res = invoke(fake, "attach", "vm1", "-n", "prod", "--ovsdb", "unix:/x.sock")
     assert res.exit_code == 0, res.output
     assert "prod/vm1 vm1.prod: unchanged (tap0 <-> eth0-nic, 0a:00:00:00:00:05; tcx, from the VM by peer)" in res.output
-    assert "vm1.prod.sriov: not bypassed, not a veth" in res.output
+    assert ("prod/vm1 vm1.prod.sriov: sriov binding, not bypassable: OVS port x_h is a VF representor, "
+            "not a veth; nothing to do") in res.output
     _, name, ns, settings, dhcp = fake.calls[0]
     assert (name, ns, settings.url, dhcp) == ("vm1", "prod", "unix:/x.sock", True)
 
@@ -185,3 +200,79 @@ def test_help_teaches_the_commands():
         assert command in res.output
     res = CliRunner().invoke(main, ["attach", "--help"])
     assert "Examples" in res.output and "--ovsdb" in res.output
+
+
+def test_attach_with_only_healthy_unbypassable_bindings_is_success_with_one_line_per_nic():
+    res = invoke(FakeBackend(attached=False), "attach", "vm1", "-n", "prod")
+    assert res.exit_code == 0, res.output
+    assert res.output == ("prod/vm1 vm1.prod: masquerade binding, not bypassable: tap0 sits on k6t-eth0, which "
+                          "routes 10.0.2.1/24; nothing to do\n")
+
+
+def test_attach_on_a_pod_still_being_plugged_is_a_one_line_failure():
+    error = NotBypassableError("VMI prod/vm1 has no bypassable NIC (vm1.prod: no binding yet, ...)",
+                               hint="attach again once virt-handler has plugged the pod")
+    res = invoke(FakeBackend(fail=error), "attach", "vm1", "-n", "prod")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "plugged the pod" in res.stderr
+
+
+def port_row(vmi, binding, state, reason="why", nic=None):
+    return PortRow(vmi=vmi, namespace="prod", nic=nic or f"{vmi}.prod", binding=binding, state=state, reason=reason,
+                   port=f"{vmi}_h", netns=f"/var/run/netns/{vmi}")
+
+
+ALL = [port_row("a", "bridge", "active", "fast path live (tap0 <-> eth0-nic)"),
+       port_row("b", "masquerade", "not bypassable", "tap0 sits on k6t-eth0 [NAT]"),
+       port_row("c", "kube-ovn-direct", "not bypassable", "already direct: the VM's tap c_h is itself the OVS port")]
+
+
+def test_status_all_json_has_the_same_rows_and_keys():
+    fake = FakeBackend(port_rows=ALL)
+    res = invoke(fake, "status", "--all", "--json", "-n", "prod", "--ovsdb", "unix:/x.sock")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [r["vmi"] for r in out] == ["a", "b", "c"]
+    assert set(out[0]) == {"vmi", "namespace", "nic", "binding", "state", "reason", "port", "netns", "attachment"}
+    assert out[2]["reason"].startswith("already direct")
+    _, namespace, settings = fake.calls[0]
+    assert namespace == "prod" and settings.url == "unix:/x.sock"
+
+
+def test_status_all_table_shows_binding_state_and_reason():
+    res = invoke(FakeBackend(port_rows=ALL), "status", "--all")
+    assert res.exit_code == 0
+    for text in ("VM ports on this node", "prod/b", "masquerade", "not bypassable", "[NAT]", "kube-ovn-direct",
+                 "already direct"):
+        assert text in res.output, text
+
+
+@pytest.mark.parametrize("state", ["stale", "orphaned", "not attached"])
+def test_status_all_is_degraded_when_a_port_could_be_fast_and_is_not(state):
+    res = invoke(FakeBackend(port_rows=ALL + [port_row("d", "bridge", state)]), "status", "--all")
+    assert res.exit_code == 3
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_status_all_table_keeps_the_reason_readable_on_narrow_terminals(width):
+    app = App(FakeBackend(port_rows=ALL), Console(width=width), Console(stderr=True, width=1000))
+    res = CliRunner().invoke(main, ["status", "--all"], obj=app)
+    words = set(res.output.replace("│", " ").split())
+    for row in ALL:  # wrapped, never cropped
+        assert set(row.reason.split()) <= words, row.reason
+
+
+def test_status_all_refuses_a_vmi_argument():
+    fake = FakeBackend()
+    res = invoke(fake, "status", "--all", "vm1")
+    assert res.exit_code == 2 and "filter with -n" in res.output and fake.calls == []
+
+
+def test_status_all_with_no_vm_ports():
+    res = invoke(FakeBackend(), "status", "--all")
+    assert res.exit_code == 0 and "No Kube-OVN VM ports on this node." in res.output
+
+
+def test_plain_status_does_not_read_the_node_ports():
+    fake = FakeBackend()
+    invoke(fake, "status")
+    assert [c[0] for c in fake.calls] == ["statuses"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from tcbypass import bindings
 from tcbypass.discovery import dummy_name, plan_nic
 from tcbypass.netdev import Link
 from tcbypass.ovsdb import Port
+from tcbypass.podnet import PodNet
 
 VM_MAC = "0a:00:00:00:00:05"
 
@@ -28,7 +30,11 @@ def pod(*extra: Link, nic_master=4, nic_kind="veth", tap_kind="tun", bridge_name
     ]
     if dummy:
         links.append(Link(6, "eth0", "dummy", VM_MAC, 0, 0, True))
-    return {link.name: link for link in links + list(extra)}
+    return PodNet("/var/run/netns/pod1", {link.name: link for link in links + list(extra)})
+
+
+def of(links: dict) -> PodNet:
+    return PodNet("/var/run/netns/pod1", links)
 
 
 def test_primary_nic_plans_tap0_eth0_nic_with_the_dummy_mac():
@@ -53,7 +59,7 @@ def test_secondary_nic_names_follow_kubevirt_hashing():
         "tap16477688c0e": Link(5, "tap16477688c0e", "tun", "fe:00:00:00:00:05", 4, 0, True),
         "pod16477688c0e": Link(6, "pod16477688c0e", "dummy", VM_MAC, 0, 0, True),
     }
-    plan = plan_nic(port(**{"iface-id": "vm1.prod.attachnet.prod.ovn"}), HOST, links)
+    plan = plan_nic(port(**{"iface-id": "vm1.prod.attachnet.prod.ovn"}), HOST, of(links))
     assert plan.ok, plan.reason
     assert (plan.spec.tap, plan.spec.nic, plan.spec.name) == ("tap16477688c0e", "16477688c0e-nic",
                                                               "vm1.prod.attachnet.prod.ovn")
@@ -66,9 +72,11 @@ def test_the_nic_is_found_by_the_host_ports_peer_not_by_name():
     assert plan.spec.nic == "eth0-nic"
 
 
-def test_masquerade_or_passt_without_a_bridge_is_not_bypassable():
+def test_a_pod_nic_off_the_bridge_is_not_bypassable():
     plan = plan_nic(port(), HOST, pod(nic_master=0))
-    assert not plan.ok and "not a bridge port" in plan.reason
+    assert not plan.ok and not plan.healthy
+    assert plan.recognition.binding == bindings.PENDING
+    assert "nothing of the VM is attached to it yet (seen: bridge k6t-eth0)" in plan.reason
 
 
 def test_a_bridge_that_is_not_kubevirts_is_not_bypassable():
@@ -90,7 +98,8 @@ def test_a_bridge_port_that_is_not_a_tap_is_not_bypassable():
 
 
 def test_no_mac_source_is_not_bypassable():
-    assert "cannot tell the VM's MAC" in plan_nic(port(), HOST, pod(dummy=False)).reason
+    plan = plan_nic(port(), HOST, pod(dummy=False))
+    assert "cannot tell the VM's MAC" in plan.reason and not plan.healthy
 
 
 def test_port_not_yet_resolved_by_ovs_says_retry():
@@ -102,9 +111,9 @@ def test_port_missing_where_ovs_runs():
 
 
 def test_bridge_without_tap_yet():
-    links = pod()
+    links = dict(pod().links)
     del links["tap0"]
-    assert "no tap yet" in plan_nic(port(), HOST, links).reason
+    assert "no tap yet" in plan_nic(port(), HOST, of(links)).reason
 
 
 def test_dhcp_passthrough_flag_is_carried():
