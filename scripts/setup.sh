@@ -24,6 +24,8 @@ packages=(
     qperf iperf3                         # benchmarks
     qemu-system-x86 busybox-static cpio  # VM tests: a real guest on the tap
     vagrant vagrant-libvirt              # to validate vagrant/Vagrantfile (no box is downloaded)
+    mmdebstrap skopeo                    # scripts/build-image.sh: the agent's image from Debian packages
+    podman runc                          # tests/image: run the DaemonSet's pod (runc: crun fails on hybrid cgroups)
 
 )
 kver=$(uname -r)

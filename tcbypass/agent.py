@@ -73,6 +73,7 @@ class Agent:
         self._retry_at: dict[tuple[str, str], float] = {}
         self._backoff: dict[tuple[str, str], float] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_fd_set = False
 
     # --- lifecycle -------------------------------------------------------------
     def stop(self, *_args) -> None:
@@ -83,6 +84,10 @@ class Agent:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        # The kernel may hand a signal to any thread (the metrics server's, say); Python runs the
+        # handler only when the main thread wakes up. This fd wakes the event loop at once.
+        signal.set_wakeup_fd(self._wake_w)
+        self._wakeup_fd_set = True
 
     def run(self) -> None:
         """Serve until stopped; reconnect to OVSDB whenever it goes away."""
@@ -128,6 +133,8 @@ class Agent:
                 with contextlib.suppress(TcbError):
                     attachments.detach(name)
                     log.info("detached %s on exit", name)
+        if self._wakeup_fd_set:
+            signal.set_wakeup_fd(-1)  # before the fd number can be reused
         os.close(self._wake_r)
         os.close(self._wake_w)
 

@@ -52,6 +52,16 @@ def _lock_path(name: str) -> str:
     return f"{LOCK_DIR}/{pin_id(name)}.lock"
 
 
+def _open_lock(name: str) -> int:
+    try:
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        return os.open(_lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise TcbError(f"cannot create the lock of {name} in {LOCK_DIR} ({exc.strerror})",
+                       hint="it must be writable and the node's own (a container mounts the node's /run/tcbypass)"
+                       ) from None
+
+
 @contextlib.contextmanager
 def locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     """Serialise all work on one attachment across processes.
@@ -59,10 +69,9 @@ def locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     `detach` unlinks the lock file while holding it (so locks do not pile up
     for every VM ever run); a waiter that then wins the lock on the unlinked
     file notices the path names another inode now and starts over."""
-    os.makedirs(LOCK_DIR, exist_ok=True)
     deadline = time.monotonic() + timeout
     while True:
-        fd = os.open(_lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open_lock(name)
         try:
             while True:
                 try:
@@ -441,7 +450,7 @@ def status_of(name: str) -> Status | None:
 
 
 def statuses() -> list[Status]:
-    if not os.path.ismount(loader.BPFFS):
+    if loader.bpffs_missing():
         raise BpfError(f"bpffs is not mounted on {loader.BPFFS}: no attachment can be read (programs may still "
                        "run on devices whose pins vanished with the mount)",
                        hint=f"mount it again: mount -t bpf bpf {loader.BPFFS}")

@@ -45,7 +45,7 @@ class Report:
 
 def _root() -> Check:
     ok = os.geteuid() == 0
-    caps = ""
+    caps, missing = "", ""
     try:
         with open("/proc/self/status") as f:
             eff = next(line.split()[1] for line in f if line.startswith("CapEff:"))
@@ -53,19 +53,37 @@ def _root() -> Check:
         # CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_BPF 39
         have = {name: bool(value >> bit & 1) for name, bit in (("NET_ADMIN", 12), ("SYS_ADMIN", 21), ("BPF", 39))}
         caps = ", ".join(f"CAP_{k}" for k, v in have.items() if v)
-        ok = ok and have["NET_ADMIN"] and (have["BPF"] or have["SYS_ADMIN"])
+        # setns() into a pod's namespace needs CAP_SYS_ADMIN, which also stands in for CAP_BPF
+        # (and is what container runtimes' seccomp profiles ask before they allow bpf(2)).
+        missing = ", ".join(f"CAP_{k}" for k in ("NET_ADMIN", "SYS_ADMIN") if not have[k])
+        ok = ok and not missing
     except (OSError, StopIteration, ValueError):
         pass
-    return Check("root and capabilities", ok, f"euid {os.geteuid()}, {caps or 'no capabilities'}",
-                 "run as root (sudo tcbypass ...), or give the agent CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
+    return Check("root and capabilities", ok,
+                 f"euid {os.geteuid()}, {caps or 'no capabilities'}" + (f"; missing {missing}" if missing else ""),
+                 "run as root (sudo tcbypass ...), or give the agent CAP_NET_ADMIN and CAP_SYS_ADMIN")
 
 
 def _bpffs() -> Check:
-    if not os.path.ismount(loader.BPFFS):
-        return Check("bpffs", False, f"{loader.BPFFS} is not mounted", f"mount -t bpf bpf {loader.BPFFS}")
+    if missing := loader.bpffs_missing():
+        return Check("bpffs", False, missing, f"mount -t bpf bpf {loader.BPFFS}")
     writable = os.access(loader.BPFFS, os.W_OK)
     return Check("bpffs", writable, f"mounted on {loader.BPFFS}" + ("" if writable else " (read-only)"),
                  f"remount it read-write: mount -o remount,rw {loader.BPFFS}")
+
+
+def _run_dir() -> Check:
+    """Locks and clsact ownership markers: shared by every tcbypass on the node."""
+    from .attachments import LOCK_DIR
+
+    try:
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        problem = "" if os.access(LOCK_DIR, os.W_OK) else "is read-only"
+    except OSError as exc:
+        problem = f"cannot be created ({exc.strerror})"
+    return Check("run directory", not problem, f"{LOCK_DIR} " + (problem or "is writable"),
+                 f"make {os.path.dirname(LOCK_DIR)} writable; a container must mount the node's own there "
+                 "(node hooks and the CLI lock the same files)")
 
 
 def _features(found: features.Features) -> list[Check]:
@@ -126,6 +144,13 @@ def _hook(hook: str) -> Check:
     name = f"tcbdoc-{uuid.uuid4().hex[:8]}"
     try:
         pnetns.create(name)
+    except Exception as exc:  # as below: any failure is the finding
+        with contextlib.suppress(OSError):
+            pnetns.remove(name)
+        return Check(f"{hook} hook", False, f"cannot make a scratch network namespace in {netns.NETNS_RUN_DIR} "
+                     f"({exc})", f"{netns.NETNS_RUN_DIR} must be writable; a container must mount the node's own "
+                     "there, where the pods' namespaces are")
+    try:
         with IPRoute(netns=name, flags=0) as ipr:
             ipr.link("add", ifname="tcbd0", kind="veth", peer="tcbd1")
             idx = ipr.link_lookup(ifname="tcbd0")[0]
@@ -150,7 +175,7 @@ def _hook(hook: str) -> Check:
 
 
 def run() -> Report:
-    checks = [_root(), _bpffs()]
+    checks = [_root(), _bpffs(), _run_dir()]
     if not all(c.ok for c in checks):
         return Report(tuple(checks), None, "", "")
     found = features.probe()

@@ -36,9 +36,34 @@ PIN_ROOT = f"{BPFFS}/tcbypass/{PIN_VERSION}"
 LEGACY_ROOTS = (f"{BPFFS}/tcbypass/v1",)  # layouts older tcbypass versions pinned
 
 
+def mounted_type(path: str) -> str:
+    """The type of the filesystem mounted on `path` ("bpf" for bpffs), "" when
+    none is. A container's hostPath is a mount point whatever it holds, so
+    being one says nothing: only the type does."""
+    path = os.path.realpath(path)
+    found = ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mount, _, fs = line.partition(" - ")
+                if mount.split()[4].replace("\\040", " ") == path:
+                    found = fs.split()[0]  # of mounts stacked on one path, the last is the one seen
+    except (OSError, IndexError):
+        return "bpf" if os.path.ismount(path) else ""
+    return found
+
+
+def bpffs_missing() -> str:
+    """Why there is no bpffs on BPFFS ("" when there is one)."""
+    kind = mounted_type(BPFFS)
+    if kind == "bpf":
+        return ""
+    return f"bpffs is not mounted on {BPFFS}" + (f" ({kind} is)" if kind else "")
+
+
 def bpffs_ready() -> None:
-    if not os.path.ismount(BPFFS):
-        raise BpfError(f"bpffs is not mounted on {BPFFS}", hint=f"run: mount -t bpf bpf {BPFFS}")
+    if missing := bpffs_missing():
+        raise BpfError(missing, hint=f"run: mount -t bpf bpf {BPFFS}")
     try:
         os.makedirs(PIN_ROOT, exist_ok=True)
     except OSError as exc:

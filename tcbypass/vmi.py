@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 from . import attachments, bindings, netdev, netns, ovsdb, podnet
@@ -54,6 +55,18 @@ def _host_links(settings: Settings) -> dict[str, netdev.Link]:
         return netdev.list_links(ipr)
 
 
+def _readable(vmi: str, path: str) -> None:
+    """Raise when the pod's namespace is there but we may not open it (another
+    process's /proc/PID/ns/net without CAP_SYS_PTRACE): that is not a gone pod."""
+    try:
+        os.stat(path)
+    except PermissionError as exc:
+        raise NetnsError(f"cannot open the pod network namespace of {vmi} ({path}): {exc.strerror}",
+                         hint="opening another process's /proc/PID/ns/net needs CAP_SYS_PTRACE") from None
+    except OSError:
+        pass
+
+
 def survey(ports: list[ovsdb.Port], settings: Settings,
            dhcp_to_bridge: bool = True) -> list[tuple[ovsdb.Port, NicPlan | TcbError]]:
     """A plan for each port, or the error that kept its pod from being read.
@@ -70,6 +83,7 @@ def survey(ports: list[ovsdb.Port], settings: Settings,
         if path not in pods:
             try:
                 if netns.identity_of(path) is None:
+                    _readable(port.pod_name or port.name, path)
                     raise NetnsError(f"the pod network namespace of {port.pod_name or port.name} "
                                      f"({path or 'unset'}) is gone",
                                      hint="the virt-launcher pod is not running on this node; nothing to attach")

@@ -203,6 +203,17 @@ class Sandbox:
         self._children.append(child)
         return child
 
+    def held_by_process(self, netns: str) -> str:
+        """A process inside `netns` (close() stops it); its /proc/PID/ns/net."""
+        holder = self.spawn(netns, "setpriv", "--pdeathsig", "KILL", "sleep", "900")
+        path = f"/proc/{holder.pid}/ns/net"
+        for _ in range(200):  # until nsenter has entered the namespace
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.stat(self.netns_path(netns)).st_ino:
+                    return path
+            time.sleep(0.01)
+        raise RuntimeError(f"no process came to hold {netns}")
+
     # --- private OVS --------------------------------------------------------
     @property
     def ovsdb_url(self) -> str:
@@ -254,13 +265,13 @@ class Sandbox:
 
     # --- pods ---------------------------------------------------------------
     def plug(self, pod_ns: str, pod_dev: str, pod_name: str, namespace: str, iface_id: str, ip: str,
-              container_id: str, suffix: str = "") -> str:
+             container_id: str, suffix: str = "", pod_netns: str = "") -> str:
         """What Kube-OVN's CNI does: a veth, the host end in br-int with its external_ids."""
         host = self.host_port_name(container_id, suffix)
         sh("ip", "link", "add", host, "netns", self.node, "type", "veth", "peer", "name", pod_dev, "netns", pod_ns)
         sh("ip", "link", "set", host, "up", netns=self.node)
         if self.ovs:
-            self.add_kubeovn_port(host, pod_ns, pod_name, namespace, iface_id, ip)
+            self.add_kubeovn_port(host, pod_ns, pod_name, namespace, iface_id, ip, pod_netns)
         return host
 
     @staticmethod
@@ -269,10 +280,11 @@ class Sandbox:
         return f"{container_id[:12 - len(suffix)]}{suffix}_h"
 
     def add_kubeovn_port(self, host: str, pod_ns: str, pod_name: str, namespace: str, iface_id: str,
-                         ip: str) -> None:
-        """Put the node device `host` into br-int with the external_ids Kube-OVN writes for a pod NIC."""
+                         ip: str, pod_netns: str = "") -> None:
+        """Put the node device `host` into br-int with the external_ids Kube-OVN writes for a pod NIC
+        (`pod_netns`: how the row names the pod's namespace, by default its file under /var/run/netns)."""
         ids = {"iface-id": iface_id, "vendor": "kube-ovn", "pod_name": pod_name, "pod_namespace": namespace,
-               "ip": ip, "pod_netns": self.netns_path(pod_ns)}
+               "ip": ip, "pod_netns": pod_netns or self.netns_path(pod_ns)}
         self.vsctl("--may-exist", "add-port", self.bridge, host, "--", "set", "interface", host,
                    *[f"external_ids:{k}={json.dumps(v)}" for k, v in ids.items()])
 
@@ -289,7 +301,8 @@ class Sandbox:
         return ns
 
     def add_vm(self, vmi: str, ips: list[str], namespace: str = "default", vm_link: str = "veth",
-               providers: tuple[str, ...] = (), managed_tap: bool = False) -> list[VmNic]:
+               providers: tuple[str, ...] = (), managed_tap: bool = False,
+               netns_by_pid: bool = False) -> list[VmNic]:
         """A virt-launcher pod with bridge binding for VMI `vmi`: one NIC per IP.
 
         The first NIC is the primary (tap0, k6t-eth0, eth0-nic, dummy eth0);
@@ -297,8 +310,12 @@ class Sandbox:
         pod<hash>), each plugged into OVS by Kube-OVN as provider
         `providers[i-1]`. `managed_tap`: the managedTap binding, the same
         wiring without the address virt-launcher's DHCP server answers on.
+        `netns_by_pid`: Kube-OVN's rows name the pod's namespace as
+        /proc/PID/ns/net of a process in it, as under runtimes that keep no
+        namespace file (cri-dockerd), instead of /var/run/netns/NAME.
         """
         pod_ns = self.add_netns(f"pod-{vmi}"[:20])
+        pod_netns = self.held_by_process(pod_ns) if netns_by_pid else ""
         vm_ns = self.add_netns(f"vm-{vmi}"[:20]) if vm_link == "veth" else ""
         cid = secrets.token_hex(32)
         nics = []
@@ -314,7 +331,8 @@ class Sandbox:
             mac = mac_for(f"{self.tag}{vmi}{i}")
             nic = VmNic(iface_id=iface_id, pod_ns=pod_ns, vm_ns=vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
                         host_port="", **names)
-            nic.host_port = self.plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ip, cid, suffix)
+            nic.host_port = self.plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ip, cid, suffix,
+                                      pod_netns)
             self._bridge_bind(nic, dhcp_address=None if managed_tap else f"169.254.75.1{i}/32")
             nics.append(nic)
         return nics

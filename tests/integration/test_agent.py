@@ -6,6 +6,7 @@ catches a stuck agent); the benchmark and the closing note carry the figures.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -140,6 +141,30 @@ def test_sigterm_leaves_the_fast_path_carrying_traffic(node, agent):
     assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3), "the programs stay after the agent exits"
     assert state_of("vm5") == ["active"]
     assert not [p for p in pins("@spare-")], "the agent removes its spare instances on exit"
+
+
+def test_sigterm_taken_by_another_thread_stops_the_agent_at_once(node):
+    """The kernel hands a process-directed signal to any thread that does not block
+    it (in a container it was often the metrics server's), and Python runs the
+    handler only once the main thread wakes up. An idle agent must still stop at once."""
+    running = RunningAgent(node)
+    try:
+        assert running.metrics() is not None
+        time.sleep(1.0)  # past the first reconcile: the agent idles in select()
+        pid = running.proc.pid
+        others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+        assert others, "the metrics server runs on a thread of its own"
+        tgkill = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
+        started = time.monotonic()
+        assert ctypes.CDLL(None, use_errno=True).syscall(tgkill, pid, others[0], signal.SIGTERM) == 0
+        try:
+            running.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the agent did not notice a SIGTERM taken by another thread")
+        took = time.monotonic() - started
+    finally:
+        running.stop()
+    assert running.proc.returncode == 0 and took < 1.0, f"the agent took {took:.1f} s to stop"
 
 
 def test_detach_on_exit_restores_the_bridge(node):
