@@ -440,6 +440,10 @@ def status_of(name: str) -> Status | None:
     except BpfError:
         counters = Counters.zero()
     if netns.identity_of(record.netns) != record.netns_id:
+        if netns.forbidden(record.netns):  # not gone: gc must leave it alone
+            return Status(record, STATE_STALE, (f"cannot read {record.netns} (permission denied); tcbypass needs "
+                                                "CAP_SYS_PTRACE and the node's PID namespace for pods named by "
+                                                "/proc/PID/ns/net",), counters)
         return Status(record, STATE_ORPHANED, ("the pod's network namespace is gone",), counters)
     try:
         with netdev.open_netns(record.netns) as ipr:

@@ -51,6 +51,18 @@ def identity_of(path: str) -> str | None:
     return f"{st.st_dev}:{st.st_ino}"
 
 
+def forbidden(path: str) -> bool:
+    """Is the namespace at `path` there but closed to us (another process's
+    /proc/PID/ns/net without CAP_SYS_PTRACE)? Such a pod is not gone."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def resolve(spec: str) -> NetnsRef:
     """Check that `spec` names a network namespace we can enter."""
     path = path_of(spec)

@@ -44,6 +44,8 @@ def pod(bare_node):
     bare_node.serve_on_host_port(nic, SERVER_IP)
     assert wait_for_ping(nic.vm_ns, SERVER_IP), "the bridge path must work before any test"
     bare_node.pin_neighbours(nic, SERVER_IP)  # no ARP of their own in the counts below
+    # Nor IPv6 of their own: router solicitations and MLD reports come at odd moments after link-up.
+    sh("sysctl", "-qw", f"net.ipv6.conf.{nic.vm_dev}.disable_ipv6=1", netns=nic.vm_ns)
     return bare_node, nic
 
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -354,3 +355,39 @@ def test_upgrade_killed_between_the_swaps_is_detected_and_repaired(pod, capsys):
     assert assert_one_attachment_or_none(spec.name, nic) == "active"
     report(capsys, f"upgrade killed between the swaps: status {row['state']} ({'; '.join(row['problems'])}); "
                    f"gc: {gc.stdout.strip()}; attach: {proc.stdout.strip()}")
+
+
+# --- a pod namespace we may not read ----------------------------------------------------------------------
+NO_PTRACE = ["setpriv", "--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace", "--"]
+
+
+def test_a_pod_namespace_closed_to_us_is_never_taken_for_gone(pod, capsys):
+    """A pod named by /proc/PID/ns/net of another user's process: without
+    CAP_SYS_PTRACE the kernel refuses to show that namespace. status must not
+    call the attachment orphaned (gc would then tear down a live VM's fast
+    path); it is stale, and says which privilege is missing."""
+    sb, nic = pod
+    holder = sb.spawn(nic.pod_ns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                      "--pdeathsig", "KILL", "sleep", "900")
+    path = f"/proc/{holder.pid}/ns/net"
+    for _ in range(200):  # until nsenter has entered the namespace and dropped to nobody
+        if os.path.exists(path) and os.stat(path).st_ino == os.stat(sb.netns_path(nic.pod_ns)).st_ino:
+            break
+        time.sleep(0.01)
+    name = f"np-{sb.tag}"
+    args = list(explicit_args(sb, nic, name))
+    args[args.index("--netns") + 1] = path
+    assert run_cli(*args).returncode == 0
+
+    def without_ptrace(*cli: str) -> subprocess.CompletedProcess:
+        return subprocess.run(NO_PTRACE + [sys.executable, "-m", "tcbypass", *cli], capture_output=True, text=True,
+                              timeout=60)
+
+    status = without_ptrace("status", "--json")
+    [row] = [r for r in json.loads(status.stdout) if r["name"] == name]
+    assert status.returncode == 3 and row["state"] == "stale", row
+    assert "permission denied" in row["problems"][0] and "CAP_SYS_PTRACE" in row["problems"][0]
+    gc = without_ptrace("gc")
+    assert gc.returncode == 0 and name not in gc.stdout, gc.stdout + gc.stderr
+    assert assert_one_attachment_or_none(name, nic) == "active", "the fast path is still there"
+    report(capsys, f"pod namespace closed to us: status {row['state']}: {row['problems'][0]}; gc: {gc.stdout.strip()}")
