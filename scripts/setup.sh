@@ -22,6 +22,7 @@ packages=(
     openvswitch-switch                   # ovsdb-server and ovs-vswitchd for tests and demo
     qperf iperf3                         # benchmarks
     qemu-system-x86 busybox-static cpio  # VM tests: a real guest on the tap
+    mmdebstrap e2fsprogs git             # kernel matrix: guest images (mkfs.ext4 -d), the checkout to ship
     vagrant vagrant-libvirt              # to validate vagrant/Vagrantfile (no box is downloaded)
 
 )
