@@ -98,6 +98,10 @@ SELECTIONS: dict[str, tuple[TestGroup, ...]] = {
         TestGroup("no-loss", (NO_LOSS,), 900,
                   "attach, in-place replace and detach under two UDP streams and a ping"),
     ),
+    "no-loss": (
+        TestGroup("no-loss", (NO_LOSS,), 900,
+                  "attach, in-place replace and detach under two UDP streams and a ping"),
+    ),
     "ci": (
         TestGroup("datapath", ("tests/datapath/test_verdicts.py", "tests/datapath/test_counters.py"), 900,
                   "BPF_PROG_TEST_RUN: verdicts and counters"),
@@ -107,6 +111,11 @@ SELECTIONS: dict[str, tuple[TestGroup, ...]] = {
                   900, "explicit attach with real traffic: the fast path carries it, counters match"),
     ),
 }
+
+# Under TCG the guest's CPU is 10-50 times slower than this machine's: timed
+# traffic tests stretch their rates and time spans by this factor (see
+# tests/reliability/test_no_loss.py).
+TCG_TRAFFIC_SLOWDOWN = 20
 
 DOCTOR_LIMIT = 300
 BOOT_LIMIT = 300
@@ -119,14 +128,17 @@ class MatrixError(TcbError):
 
 # --- what the guest runs -------------------------------------------------------
 
-def job_script(groups: Sequence[TestGroup]) -> str:
-    """The shell script the guest's init runs from the share."""
+def job_script(groups: Sequence[TestGroup], env: dict[str, str] | None = None) -> str:
+    """The shell script the guest's init runs from the share; `env` is
+    exported to every test."""
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted((env or {}).items()))
     lines = [
         "#!/bin/sh",
         "# Written by tcbypass/lab/kernels.py for one kernel-matrix run.",
         f"share={SHARE_MOUNT}; out=$share/out; src=/root/tcbypass",
         'mkdir -p "$out" "$src" && tar -xf "$share/src.tar" -C "$src" && cd "$src" || exit 120',
         f"export PYTHONPATH=$src PYTHONDONTWRITEBYTECODE=1 PATH={GUEST_VENV}/bin:$PATH",
+        *([f"export {exports}"] if exports else []),
         f"py={GUEST_VENV}/bin/python",
         f'mark() {{ echo "{GROUP_MARKER} $*"; }}',
         "now_ms() { echo $(( $(date +%s%N) / 1000000 )); }",
@@ -412,8 +424,9 @@ def run_kernel(target: KernelTarget, groups: Sequence[TestGroup], run_dir: Path,
     shutil.rmtree(share, ignore_errors=True)
     (share / "out").mkdir(parents=True)
     pack_checkout(repo, share / "src.tar")
-    (share / "job.sh").write_text(job_script(groups))
     chosen = choose_accel(accel, image)
+    env = {"TCBYPASS_TRAFFIC_SLOWDOWN": str(TCG_TRAFFIC_SLOWDOWN)} if chosen == "tcg" else {}
+    (share / "job.sh").write_text(job_script(groups, env))
     argv = qemu_argv(image, share, chosen)
     limit = BOOT_LIMIT + DOCTOR_LIMIT + sum(g.limit for g in groups) + RUN_SLACK
     log.info("booting %s (%s, %s), limit %d s", target.name, image.kernel_version, chosen, limit)
@@ -455,18 +468,24 @@ def run_kernel(target: KernelTarget, groups: Sequence[TestGroup], run_dir: Path,
 # --- the report ----------------------------------------------------------------------
 
 def hook_path(doctor) -> str:
-    """The attach path the product reports choosing, when its doctor says so in JSON."""
+    """The attach path the product reports choosing, when its doctor says so in
+    JSON; "not reported" otherwise (the runner does not guess it)."""
+    return _find_hook(doctor) or "not reported"
+
+
+def _find_hook(doctor) -> str:
     if isinstance(doctor, dict):
         for key in ("hook", "hook_path", "attach_path", "path", "datapath", "mode"):
             value = doctor.get(key)
             if isinstance(value, str) and value:
                 return value
-        for value in doctor.values():
-            if isinstance(value, dict):
-                found = hook_path(value)
-                if found != "?":
-                    return found
-    return "?"
+        doctor = list(doctor.values())
+    if isinstance(doctor, list):
+        for value in doctor:
+            found = _find_hook(value)
+            if found:
+                return found
+    return ""
 
 
 def markdown_table(results: Sequence[KernelResult]) -> str:

@@ -116,9 +116,15 @@ def test_the_job_runs_doctor_then_every_group_with_its_limit_and_junit():
         assert f"group-end {g.name}" in job
 
 
+def test_the_job_exports_the_environment_it_is_given():
+    job = kernels.job_script(kernels.SELECTIONS["ci"], {"TCBYPASS_TRAFFIC_SLOWDOWN": "20"})
+    assert "export TCBYPASS_TRAFFIC_SLOWDOWN=20" in job
+    assert "TCBYPASS_TRAFFIC_SLOWDOWN" not in kernels.job_script(kernels.SELECTIONS["ci"])
+
+
 def test_the_job_is_valid_shell(tmp_path):
     script = tmp_path / "job.sh"
-    script.write_text(kernels.job_script(kernels.SELECTIONS["full"]))
+    script.write_text(kernels.job_script(kernels.SELECTIONS["full"], {"A": "b c"}))
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
 
