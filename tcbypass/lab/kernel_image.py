@@ -257,6 +257,13 @@ def kernel_version_of(modules_dirs: list[str]) -> str:
     return versions[0]
 
 
+def superseded(recipe: ImageRecipe, names: list[str]) -> list[str]:
+    """Cache entries of the same target built from another recipe ("5.10-<key>"
+    is not "5.10-bullseye-<key>")."""
+    pattern = re.compile(rf"{re.escape(recipe.target.name)}-[0-9a-f]{{16}}")
+    return sorted(n for n in names if pattern.fullmatch(n) and n != recipe.dirname)
+
+
 # --- building ----------------------------------------------------------------
 
 def find_image(recipe: ImageRecipe, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Image | None:
@@ -291,9 +298,8 @@ def ensure_image(recipe: ImageRecipe, cache_dir: str | os.PathLike = DEFAULT_CAC
         started = time.monotonic()
         image = _build(recipe, cache, build_log)
         seconds = round(time.monotonic() - started, 1)
-        for old in cache.glob(f"{recipe.target.name}-*"):
-            if old.is_dir() and old != image.path:  # superseded recipes of this target
-                shutil.rmtree(old, ignore_errors=True)
+        for old in superseded(recipe, os.listdir(cache)):
+            shutil.rmtree(cache / old, ignore_errors=True)
         return image, seconds
 
 

@@ -60,10 +60,17 @@ def targets(mirror: str = DEFAULT_MIRROR, security: str = DEFAULT_SECURITY_MIRRO
         return (f"deb {mirror} {suite} main", *(f"deb {mirror} {s} main" for s in extra),
                 f"deb {security} {suite}-security main")
 
+    # bullseye's kernel packages, named by their series so apt takes them from there.
+    bullseye_kernel = ("linux-image-amd64/bullseye", "linux-headers-amd64/bullseye")
     found = [
         KernelTarget("6.1", "bookworm", release("bookworm"), "3.11", note="Debian 12"),
-        KernelTarget("5.10", "bullseye", release("bullseye"), "3.9",
-                     note="Debian 11; the kernel generation of openEuler 22.03 and Kylin V10 SP3"),
+        # The kernel under test is what matters; openEuler 22.03 and Kylin V10 SP3 run a
+        # 5.10 kernel with a newer userland than Debian 11's (bcc 0.18, libbpf 0.3).
+        KernelTarget("5.10", "bookworm", (*release("bookworm"), *release("bullseye")), "3.11",
+                     kernel_packages=bullseye_kernel,
+                     note="Debian 11's kernel under Debian 12's userland (bcc 0.26, libbpf 1.1)"),
+        KernelTarget("5.10-bullseye", "bullseye", release("bullseye"), "3.9",
+                     note="Debian 11 as a whole: its kernel, bcc 0.18, libbpf 0.3, Python 3.9"),
         KernelTarget("6.12", "bookworm", release("bookworm", "bookworm-backports"), "3.11",
                      kernel_packages=("linux-image-amd64/bookworm-backports",
                                       "linux-headers-amd64/bookworm-backports"),
@@ -72,8 +79,9 @@ def targets(mirror: str = DEFAULT_MIRROR, security: str = DEFAULT_SECURITY_MIRRO
     return {t.name: t for t in found}
 
 
-# The matrix by default: Debian 12's kernel and the oldest one the mirror serves.
-DEFAULT_KERNELS = ("6.1", "5.10")
+# The matrix by default: Debian 12's kernel and the oldest one the mirror
+# serves, that one both under a current userland and as Debian 11 ships it.
+DEFAULT_KERNELS = ("6.1", "5.10", "5.10-bullseye")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from tcbypass.lab import kernels
 from tcbypass.lab.kernel_image import (GUEST_PACKAGES, Image, ImageError, ImageRecipe, image_size_bytes,
                                        kernel_version_of, mmdebstrap_argv, pip_download_argv,
-                                       requirements_from_pyproject)
+                                       requirements_from_pyproject, superseded)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,8 @@ def recipe(**change) -> ImageRecipe:
 def test_the_mirror_targets_include_debian_12_and_11_by_default():
     known = kernels.targets()
     assert {"6.1", "5.10"} <= set(kernels.DEFAULT_KERNELS) <= set(known)
-    assert known["6.1"].suite == "bookworm" and known["5.10"].suite == "bullseye"
+    assert known["6.1"].suite == "bookworm" and known["5.10-bullseye"].suite == "bullseye"
+    assert known["5.10"].kernel_packages == ("linux-image-amd64/bullseye", "linux-headers-amd64/bullseye")
     assert all(any("-security" in s for s in t.sources) for t in known.values())
 
 
@@ -79,6 +80,13 @@ def test_mmdebstrap_bootstraps_the_suite_with_kernel_headers_and_our_init():
     hooks = " ".join(argv)
     assert "upload /x/init /usr/local/sbin/tcb-matrix-init" in hooks
     assert "--no-index --find-links /tmp/wheels" in hooks
+
+
+def test_a_new_build_supersedes_only_older_images_of_its_own_target():
+    r = recipe()
+    names = [r.dirname, "6.1-0123456789abcdef", "6.1.build.log", ".6.1.lock", "6.12-0123456789abcdef",
+             "6.1-bullseye-0123456789abcdef", "results"]
+    assert superseded(r, names) == ["6.1-0123456789abcdef"]
 
 
 def test_image_size_leaves_a_gibibyte_free_and_is_whole_mebibytes():
