@@ -104,7 +104,7 @@ def test_attach_reattach_and_detach_under_traffic_lose_nothing(pod, grafts, caps
     spec = AttachSpec(name=name, netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac)
     flows = [UdpFlow("VM -> server", nic.vm_ns, server, SERVER_IP, 17001, RATE, limit=40 * SLOWDOWN, cpu=0),
              UdpFlow("server -> VM", server, nic.vm_ns, VM_IP, 17002, RATE, limit=40 * SLOWDOWN, cpu=1)]
-    pinger = PingFlow(nic.vm_ns, SERVER_IP, PING_INTERVAL)
+    pinger = PingFlow(nic.vm_ns, SERVER_IP, PING_INTERVAL, limit=40 * SLOWDOWN)
     timeline = Timeline()
     actions = {}
     try:
