@@ -60,8 +60,8 @@ def targets(mirror: str = DEFAULT_MIRROR, security: str = DEFAULT_SECURITY_MIRRO
         return (f"deb {mirror} {suite} main", *(f"deb {mirror} {s} main" for s in extra),
                 f"deb {security} {suite}-security main")
 
-    # bullseye's kernel packages, named by their series so apt takes them from there.
-    bullseye_kernel = ("linux-image-amd64/bullseye", "linux-headers-amd64/bullseye")
+    # Debian 11's current kernel (its security suite), as the bullseye image has it.
+    bullseye_kernel = ("linux-image-amd64/bullseye-security", "linux-headers-amd64/bullseye-security")
     found = [
         KernelTarget("6.1", "bookworm", release("bookworm"), "3.11", note="Debian 12"),
         # The kernel under test is what matters; openEuler 22.03 and Kylin V10 SP3 run a
