@@ -313,6 +313,7 @@ class KernelResult:
     run_seconds: float = 0.0  # qemu start to power-off
     doctor: dict | list | str | None = None  # JSON when the product has doctor --json, else its text
     doctor_rc: int | None = None
+    doctor_seconds: float = 0.0
     facts: dict = field(default_factory=dict)
     image: dict = field(default_factory=dict)  # the image manifest
     groups: tuple[GroupResult, ...] = ()
@@ -328,6 +329,14 @@ class KernelResult:
         for g, raw in zip(self.groups, data["groups"]):
             raw["ok"] = g.ok
         return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KernelResult":
+        data = {k: v for k, v in data.items() if k != "ok"}
+        groups = tuple(GroupResult(**{**{k: v for k, v in g.items() if k != "ok"},
+                                      "cases": tuple(TestCase(**c) for c in g["cases"])})
+                       for g in data.pop("groups", ()))
+        return cls(**data, groups=groups)
 
 
 def parse_junit(text: str) -> tuple[TestCase, ...]:
@@ -401,9 +410,9 @@ def collect(target: str, out: Path, console_lines: Sequence[str], groups: Sequen
     facts = {}
     with contextlib.suppress(OSError, ValueError):
         facts = json.loads((out / "facts.json").read_text())
-    doctor_rc = marks.get("doctor", (None, 0))[0]
+    doctor_rc, doctor_seconds = marks.get("doctor", (None, 0.0))
     return KernelResult(target, kernel=facts.get("uname", ""), doctor=read_doctor(out), doctor_rc=doctor_rc,
-                        facts=facts, groups=tuple(results), **fields)
+                        doctor_seconds=doctor_seconds, facts=facts, groups=tuple(results), **fields)
 
 
 def _tail(path: Path, n: int = 5) -> str:
@@ -503,8 +512,11 @@ def markdown_table(results: Sequence[KernelResult]) -> str:
         groups = ", ".join(f"{g.name}: {len(g.cases)}" for g in r.groups) or "none"
         result = "pass" if r.ok else "FAIL: " + (r.error or "; ".join(
             f"{g.name} {g.summary}" for g in r.groups if not g.ok))
-        timing = f"boot {r.boot_seconds:.0f} s, " + ", ".join(f"{g.name} {g.seconds:.0f} s" for g in r.groups)
-        rows.append(f"| {kernel} | {hook_path(r.doctor)} | {groups} | {result} | {timing} ({r.accel}) |")
+        timing = ", ".join([f"image build {r.build_seconds:.0f} s" if r.build_seconds else "image cached",
+                            f"boot {r.boot_seconds:.0f} s", f"doctor {r.doctor_seconds:.0f} s",
+                            *(f"{g.name} {g.seconds:.0f} s" for g in r.groups)])
+        rows.append(f"| {kernel} | {hook_path(r.doctor)} | {groups} | {result} | "
+                    f"{r.run_seconds:.0f} s under {r.accel or '?'}: {timing} |")
     return "\n".join(rows) + "\n"
 
 
@@ -547,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     parser.add_argument("--rebuild", action="store_true", help="rebuild the images even when cached")
     parser.add_argument("--list", action="store_true", help="print the targets and test groups and exit")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="RESULT_JSON",
+                        help="print the table of earlier runs (their result.json or results.json) and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.list:
@@ -556,6 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for g in groups:
                 print(f"{name:5} {g.name:10} {g.limit:5d} s  {' '.join(g.args)}")
         return 0
+    if args.report:
+        results = [KernelResult.from_json(item) for path in args.report
+                   for item in _as_list(json.loads(path.read_text()))]
+        print(markdown_table(results), end="")
+        for line in failures(results):
+            print(f"  {line}")
+        return 0 if all(r.ok for r in results) else 1
     out = args.out or Path(args.cache_dir) / "results" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -569,6 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {line}")
     print(f"results: {out}/results.json")
     return 0 if all(r.ok for r in results) else 1
+
+
+def _as_list(data) -> list:
+    return data if isinstance(data, list) else [data]
 
 
 if __name__ == "__main__":

@@ -203,3 +203,15 @@ def test_unknown_kernel_or_selection_is_refused(tmp_path):
         kernels.run_matrix(["4.19"], "full", tmp_path)
     with pytest.raises(kernels.MatrixError, match="unknown selection"):
         kernels.run_matrix(["6.1"], "most", tmp_path)
+
+
+def test_a_result_survives_its_json_and_the_report_reads_it_back(tmp_path, capsys):
+    cases = kernels.parse_junit(JUNIT)
+    result = kernels.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", doctor={"hook": "clsact"},
+                                  groups=(kernels.GroupResult("datapath", 1, 12.5, cases),))
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result.to_json()))
+    assert kernels.KernelResult.from_json(json.loads(path.read_text())) == result
+    assert kernels.main(["--report", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "| 6.1 (6.1.0-57-amd64) | clsact |" in out and "test_b[x]: failed" in out
