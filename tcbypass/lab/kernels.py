@@ -169,7 +169,7 @@ def job_script(groups: Sequence[TestGroup], env: dict[str, str] | None = None) -
         lines += [
             f"mark group-start {g.name}",
             "t0=$(now_ms)",
-            f'timeout -k 15 {g.limit} "$py" -m pytest -q -p no:cacheprovider '
+            f'timeout -k 15 {g.limit} "$py" -m pytest -q -p no:cacheprovider -o junit_family=xunit1 '
             f'--junitxml="$out/{g.name}.xml" {args} >"$out/{g.name}.log" 2>&1',
             "rc=$?",
             f'mark "group-end {g.name} $rc $(( $(now_ms) - t0 ))"',
