@@ -356,9 +356,18 @@ def parse_junit(text: str) -> tuple[TestCase, ...]:
     return tuple(cases)
 
 
+_EXCEPTION_RE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit): \S")
+
+
 def _first_line(text: str, limit: int = 400) -> str:
+    """The line of a failure message that says what went wrong: the first, unless
+    it only announces a traceback (a CLI that crashed), then the exception that ended it."""
     lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
     line = lines[0] if lines else ""
+    if line.endswith("Traceback (most recent call last):"):
+        raised = [l for l in lines[1:] if _EXCEPTION_RE.match(l)]
+        if raised:
+            line = f"{line.split(':', 1)[0]}: traceback ending in {raised[-1]}"
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 from pathlib import Path
@@ -153,6 +154,15 @@ def test_junit_cases_carry_outcome_and_the_first_line_of_the_message():
     ]
     assert cases[1].message == "AssertionError: assert (0, 'pass runt') == (7, 'redirect from_vm')"
     assert cases[1].seconds == 1.2
+
+
+def test_a_crashed_cli_is_summarised_by_the_exception_that_ended_it():
+    message = ("AssertionError: Traceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n"
+               "    main()\nAttributeError: libbpf.so.0: undefined symbol: bpf_obj_get_opts\n\nassert 1 == 0")
+    xml = JUNIT.replace('message="AssertionError: assert (0, \'pass runt\') == (7, \'redirect from_vm\')&#10;second line"',
+                        'message="' + html.escape(message, quote=True).replace("\n", "&#10;") + '"')
+    assert kernels.parse_junit(xml)[1].message == (
+        "AssertionError: traceback ending in AttributeError: libbpf.so.0: undefined symbol: bpf_obj_get_opts")
 
 
 def test_console_marks_give_exit_code_and_seconds_per_group():
