@@ -13,6 +13,8 @@ a few facts about the guest. The console only carries progress markers.
     run dir/out/*.xml *.log doctor.*  <--------  junit, logs, facts.json
     console: TCB-MATRIX-BOOTED / group-start / group-end / TCB-MATRIX-EXIT
 
+kernel_results.py reads what a run left and renders the report.
+
 What runs is decided in one place, `SELECTIONS`: named lists of test groups.
 "full" is the matrix; "ci" is the subset CI runs on 6.1 (tests/kernels).
 
@@ -27,30 +29,28 @@ import functools
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
-import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from ..errors import TcbError
 from .guest import QEMU, _Child, _Console, kvm_device_usable
 from .kernel_image import (BOOTED_MARKER, DEFAULT_CACHE_DIR, EXIT_MARKER, GUEST_INIT, GUEST_PACKAGES, GUEST_VENV,
                            SHARE_MOUNT, SHARE_TAG, Image, ImageRecipe, KernelTarget, ensure_image,
                            requirements_from_pyproject)
+from .kernel_results import GROUP_MARKER, KernelResult, collect, failures, markdown_table
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
-GROUP_MARKER = "TCB-MATRIX"
 
 
 def targets(mirror: str = DEFAULT_MIRROR, security: str = DEFAULT_SECURITY_MIRROR) -> dict[str, KernelTarget]:
@@ -270,169 +270,6 @@ def choose_accel(requested: str, image: Image) -> str:
     return "kvm" if kvm_device_usable() and kvm_boots(str(image.vmlinuz)) else "tcg"
 
 
-# --- results -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TestCase:
-    nodeid: str
-    outcome: str  # passed, failed, error, skipped
-    seconds: float
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class GroupResult:
-    name: str
-    rc: int | None  # None: the group never finished (guest died or the run timed out)
-    seconds: float
-    cases: tuple[TestCase, ...] = ()
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0 and bool(self.cases) and not any(c.outcome in ("failed", "error") for c in self.cases)
-
-    def count(self, outcome: str) -> int:
-        return sum(1 for c in self.cases if c.outcome == outcome)
-
-    @property
-    def summary(self) -> str:
-        if self.rc is None:
-            return f"did not finish ({self.note or 'no result'})"
-        parts = [f"{self.count(o)} {o}" for o in ("passed", "failed", "error", "skipped") if self.count(o)]
-        text = ", ".join(parts) or "no test ran"
-        if self.rc == 124 or self.rc == 137:
-            text += f" (time limit hit, rc {self.rc})"
-        return text
-
-
-@dataclass(frozen=True)
-class KernelResult:
-    target: str
-    kernel: str = ""  # uname -r in the guest
-    accel: str = ""
-    build_seconds: float = 0.0  # 0: cached image
-    boot_seconds: float = 0.0
-    run_seconds: float = 0.0  # qemu start to power-off
-    doctor: dict | list | str | None = None  # JSON when the product has doctor --json, else its text
-    doctor_rc: int | None = None
-    doctor_seconds: float = 0.0
-    facts: dict = field(default_factory=dict)
-    image: dict = field(default_factory=dict)  # the image manifest
-    groups: tuple[GroupResult, ...] = ()
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.error and bool(self.groups) and all(g.ok for g in self.groups)
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["ok"] = self.ok
-        for g, raw in zip(self.groups, data["groups"]):
-            raw["ok"] = g.ok
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> "KernelResult":
-        data = {k: v for k, v in data.items() if k != "ok"}
-        groups = tuple(GroupResult(**{**{k: v for k, v in g.items() if k != "ok"},
-                                      "cases": tuple(TestCase(**c) for c in g["cases"])})
-                       for g in data.pop("groups", ()))
-        return cls(**data, groups=groups)
-
-
-def parse_junit(text: str) -> tuple[TestCase, ...]:
-    """The test cases of a pytest JUnit XML report."""
-    root = ET.fromstring(text)
-    cases = []
-    for tc in root.iter("testcase"):
-        cls, name = tc.get("classname", ""), tc.get("name", "")
-        nodeid = f"{cls.replace('.', '/')}.py::{name}" if cls else name
-        outcome, message = "passed", ""
-        for child in tc:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed"}.get(child.tag, child.tag)
-                message = _first_line(child.get("message") or child.text or "")
-                break
-        cases.append(TestCase(nodeid, outcome, round(float(tc.get("time") or 0), 2), message))
-    return tuple(cases)
-
-
-_EXCEPTION_RE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit): \S")
-
-
-def _first_line(text: str, limit: int = 400) -> str:
-    """The line of a failure message that says what went wrong: the first, unless
-    it only announces a traceback (a CLI that crashed), then the exception that ended it."""
-    lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
-    line = lines[0] if lines else ""
-    if line.endswith("Traceback (most recent call last):"):
-        raised = [l for l in lines[1:] if _EXCEPTION_RE.match(l)]
-        if raised:
-            line = f"{line.split(':', 1)[0]}: traceback ending in {raised[-1]}"
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def parse_marks(lines: Iterable[str]) -> dict[str, tuple[int, float]]:
-    """{group or "doctor": (exit code, seconds)} from the console's end markers."""
-    found = {}
-    for line in lines:
-        m = re.search(rf"{GROUP_MARKER} group-end (\S+) (\d+) (\d+)\s*$", line)
-        if m:
-            found[m[1]] = (int(m[2]), int(m[3]) / 1000)
-            continue
-        m = re.search(rf"{GROUP_MARKER} doctor-end (\d+) (\d+)\s*$", line)
-        if m:
-            found["doctor"] = (int(m[1]), int(m[2]) / 1000)
-    return found
-
-
-def read_doctor(out: Path) -> dict | list | str | None:
-    """doctor --json's document, or the text of plain doctor, or None."""
-    with contextlib.suppress(OSError, ValueError):
-        text = (out / "doctor.json").read_text()
-        if text.strip():
-            return json.loads(text)
-    for name in ("doctor.txt", "doctor.json", "doctor.err"):
-        with contextlib.suppress(OSError):
-            text = (out / name).read_text().strip()
-            if text:
-                return text
-    return None
-
-
-def collect(target: str, out: Path, console_lines: Sequence[str], groups: Sequence[TestGroup],
-            **fields) -> KernelResult:
-    """A KernelResult from what the job left in `out` and the console's markers."""
-    marks = parse_marks(console_lines)
-    results = []
-    for g in groups:
-        cases: tuple[TestCase, ...] = ()
-        note = ""
-        with contextlib.suppress(OSError):
-            try:
-                cases = parse_junit((out / f"{g.name}.xml").read_text())
-            except ET.ParseError as exc:
-                note = f"unreadable JUnit XML ({exc})"
-        rc, seconds = marks.get(g.name, (None, 0.0))
-        if rc is not None and not cases and not note:
-            note = _tail(out / f"{g.name}.log")
-        results.append(GroupResult(g.name, rc, seconds, cases, note or ("" if rc is not None else "no end marker")))
-    facts = {}
-    with contextlib.suppress(OSError, ValueError):
-        facts = json.loads((out / "facts.json").read_text())
-    doctor_rc, doctor_seconds = marks.get("doctor", (None, 0.0))
-    return KernelResult(target, kernel=facts.get("uname", ""), doctor=read_doctor(out), doctor_rc=doctor_rc,
-                        doctor_seconds=doctor_seconds, facts=facts, groups=tuple(results), **fields)
-
-
-def _tail(path: Path, n: int = 5) -> str:
-    with contextlib.suppress(OSError):
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
-    return ""
-
-
 # --- one kernel ------------------------------------------------------------------------
 
 def recipe_for(target: KernelTarget, repo: Path = REPO) -> ImageRecipe:
@@ -486,64 +323,12 @@ def run_kernel(target: KernelTarget, groups: Sequence[TestGroup], run_dir: Path,
         child.kill(grace=2)
         console.close()
     fields.update(boot_seconds=boot_seconds, run_seconds=round(time.monotonic() - started, 1), error=error)
-    result = collect(target.name, share / "out", lines, groups, **fields)
+    result = collect(target.name, share / "out", lines, [g.name for g in groups], **fields)
     # Keep what the job wrote next to the console log; the checkout copy goes.
     with contextlib.suppress(OSError):
         (share / "src.tar").unlink()
     (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
-
-
-# --- the report ----------------------------------------------------------------------
-
-def hook_path(doctor) -> str:
-    """The attach path the product reports choosing, when its doctor says so in
-    JSON; "not reported" otherwise (the runner does not guess it)."""
-    return _find_hook(doctor) or "not reported"
-
-
-def _find_hook(doctor) -> str:
-    if isinstance(doctor, dict):
-        for key in ("hook", "hook_path", "attach_path", "path", "datapath", "mode"):
-            value = doctor.get(key)
-            if isinstance(value, str) and value:
-                return value
-        doctor = list(doctor.values())
-    if isinstance(doctor, list):
-        for value in doctor:
-            found = _find_hook(value)
-            if found:
-                return found
-    return ""
-
-
-def markdown_table(results: Sequence[KernelResult]) -> str:
-    rows = ["| kernel | hook path | tests run | result | time |", "|---|---|---|---|---|"]
-    for r in results:
-        kernel = f"{r.target} ({r.kernel})" if r.kernel else r.target
-        groups = ", ".join(f"{g.name}: {len(g.cases)}" for g in r.groups) or "none"
-        result = "pass" if r.ok else "FAIL: " + (r.error or "; ".join(
-            f"{g.name} {g.summary}" for g in r.groups if not g.ok))
-        timing = ", ".join([f"image build {r.build_seconds:.0f} s" if r.build_seconds else "image cached",
-                            f"boot {r.boot_seconds:.0f} s", f"doctor {r.doctor_seconds:.0f} s",
-                            *(f"{g.name} {g.seconds:.0f} s" for g in r.groups)])
-        rows.append(f"| {kernel} | {hook_path(r.doctor)} | {groups} | {result} | "
-                    f"{r.run_seconds:.0f} s under {r.accel or '?'}: {timing} |")
-    return "\n".join(rows) + "\n"
-
-
-def failures(results: Sequence[KernelResult]) -> list[str]:
-    out = []
-    for r in results:
-        if r.error:
-            out.append(f"{r.target}: {r.error}")
-        for g in r.groups:
-            if g.rc is None or (g.rc != 0 and not g.cases):
-                out.append(f"{r.target} {g.name}: {g.summary} {g.note}".rstrip())
-            for c in g.cases:
-                if c.outcome in ("failed", "error"):
-                    out.append(f"{r.target} {c.nodeid}: {c.outcome}: {c.message}")
-    return out
 
 
 def run_matrix(names: Sequence[str], selection: str, out_dir: Path, **kwargs) -> list[KernelResult]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tcbypass.lab import kernel_results as results
 from tcbypass.lab import kernels
 from tcbypass.lab.kernel_image import (GUEST_PACKAGES, Image, ImageError, ImageRecipe, image_size_bytes,
                                        kernel_version_of, mmdebstrap_argv, pip_download_argv,
@@ -145,7 +146,7 @@ def test_every_selection_names_existing_tests():
 
 
 def test_junit_cases_carry_outcome_and_the_first_line_of_the_message():
-    cases = kernels.parse_junit(JUNIT)
+    cases = results.parse_junit(JUNIT)
     assert [(c.nodeid, c.outcome) for c in cases] == [
         ("tests/datapath/test_verdicts.py::test_a_is_redirected", "passed"),
         ("tests/datapath/test_verdicts.py::test_b[x]", "failed"),
@@ -161,14 +162,14 @@ def test_a_crashed_cli_is_summarised_by_the_exception_that_ended_it():
                "    main()\nAttributeError: libbpf.so.0: undefined symbol: bpf_obj_get_opts\n\nassert 1 == 0")
     xml = JUNIT.replace('message="AssertionError: assert (0, \'pass runt\') == (7, \'redirect from_vm\')&#10;second line"',
                         'message="' + html.escape(message, quote=True).replace("\n", "&#10;") + '"')
-    assert kernels.parse_junit(xml)[1].message == (
+    assert results.parse_junit(xml)[1].message == (
         "AssertionError: traceback ending in AttributeError: libbpf.so.0: undefined symbol: bpf_obj_get_opts")
 
 
 def test_console_marks_give_exit_code_and_seconds_per_group():
     lines = ["noise", "TCB-MATRIX doctor-end 0 15230", "TCB-MATRIX group-start datapath",
              "TCB-MATRIX group-end datapath 1 93004\r", "TCB-MATRIX group-end no-loss 124 900000"]
-    assert kernels.parse_marks(lines) == {"doctor": (0, 15.23), "datapath": (1, 93.004),
+    assert results.parse_marks(lines) == {"doctor": (0, 15.23), "datapath": (1, 93.004),
                                          "no-loss": (124, 900.0)}
 
 
@@ -177,7 +178,8 @@ def test_collect_reads_junit_doctor_and_facts_and_flags_unfinished_groups(tmp_pa
     (tmp_path / "doctor.json").write_text('{"features": {"hook": "clsact"}}')
     (tmp_path / "facts.json").write_text('{"uname": "6.1.0-50-amd64", "bcc": "0.26.0"}')
     groups = kernels.SELECTIONS["full"]
-    result = kernels.collect("6.1", tmp_path, ["TCB-MATRIX group-end datapath 1 9000"], groups, accel="tcg")
+    result = results.collect("6.1", tmp_path, ["TCB-MATRIX group-end datapath 1 9000"], [g.name for g in groups],
+                             accel="tcg")
     assert result.kernel == "6.1.0-50-amd64" and result.accel == "tcg"
     assert result.doctor == {"features": {"hook": "clsact"}}
     datapath, explicit = result.groups[0], result.groups[1]
@@ -185,25 +187,25 @@ def test_collect_reads_junit_doctor_and_facts_and_flags_unfinished_groups(tmp_pa
     assert explicit.rc is None and "did not finish" in explicit.summary
     assert not result.ok
     assert json.loads(json.dumps(result.to_json()))["groups"][0]["ok"] is False
-    assert kernels.hook_path(result.doctor) == "clsact"
+    assert results.hook_path(result.doctor) == "clsact"
 
 
 def test_plain_doctor_text_is_kept_when_json_is_missing(tmp_path):
     (tmp_path / "doctor.json").write_text("")
     (tmp_path / "doctor.txt").write_text("ok  bpffs  mounted on /sys/fs/bpf\n")
-    assert kernels.read_doctor(tmp_path) == "ok  bpffs  mounted on /sys/fs/bpf"
+    assert results.read_doctor(tmp_path) == "ok  bpffs  mounted on /sys/fs/bpf"
 
 
 def test_report_table_has_one_row_per_kernel_and_lists_failures():
-    ok = kernels.GroupResult("datapath", 0, 90.0, kernels.parse_junit(JUNIT)[:1])
-    bad = kernels.GroupResult("explicit", 1, 200.0, kernels.parse_junit(JUNIT)[1:2])
-    results = [kernels.KernelResult("6.1", kernel="6.1.0-50-amd64", accel="tcg", boot_seconds=14, groups=(ok,)),
-               kernels.KernelResult("5.10", kernel="5.10.0-30-amd64", accel="tcg", groups=(ok, bad))]
-    table = kernels.markdown_table(results).splitlines()
+    ok = results.GroupResult("datapath", 0, 90.0, results.parse_junit(JUNIT)[:1])
+    bad = results.GroupResult("explicit", 1, 200.0, results.parse_junit(JUNIT)[1:2])
+    runs = [results.KernelResult("6.1", kernel="6.1.0-50-amd64", accel="tcg", boot_seconds=14, groups=(ok,)),
+            results.KernelResult("5.10", kernel="5.10.0-30-amd64", accel="tcg", groups=(ok, bad))]
+    table = results.markdown_table(runs).splitlines()
     assert len(table) == 4
     assert "| 6.1 (6.1.0-50-amd64) |" in table[2] and "| pass |" in table[2]
     assert "FAIL: explicit 1 failed" in table[3]
-    assert kernels.failures(results) == [
+    assert results.failures(runs) == [
         "5.10 tests/datapath/test_verdicts.py::test_b[x]: failed: "
         "AssertionError: assert (0, 'pass runt') == (7, 'redirect from_vm')"]
 
@@ -216,12 +218,12 @@ def test_unknown_kernel_or_selection_is_refused(tmp_path):
 
 
 def test_a_result_survives_its_json_and_the_report_reads_it_back(tmp_path, capsys):
-    cases = kernels.parse_junit(JUNIT)
-    result = kernels.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", doctor={"hook": "clsact"},
-                                  groups=(kernels.GroupResult("datapath", 1, 12.5, cases),))
+    cases = results.parse_junit(JUNIT)
+    result = results.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", doctor={"hook": "clsact"},
+                                  groups=(results.GroupResult("datapath", 1, 12.5, cases),))
     path = tmp_path / "result.json"
     path.write_text(json.dumps(result.to_json()))
-    assert kernels.KernelResult.from_json(json.loads(path.read_text())) == result
+    assert results.KernelResult.from_json(json.loads(path.read_text())) == result
     assert kernels.main(["--report", str(path)]) == 1
     out = capsys.readouterr().out
     assert "| 6.1 (6.1.0-57-amd64) | clsact |" in out and "test_b[x]: failed" in out
