@@ -295,6 +295,11 @@ def ensure_image(recipe: ImageRecipe, cache_dir: str | os.PathLike = DEFAULT_CAC
         image = find_image(recipe, cache)
         if image and not rebuild:
             return image, 0.0
+        # Under the lock no other builder of this target runs: a work directory
+        # left here is from a builder that was killed.
+        for stale in cache.glob(f".build-{recipe.target.name}-*"):
+            if re.fullmatch(rf"\.build-{re.escape(recipe.target.name)}-[^-]+", stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
         started = time.monotonic()
         image = _build(recipe, cache, build_log)
         seconds = round(time.monotonic() - started, 1)
