@@ -97,9 +97,9 @@ class TestGroup:
 NO_LOSS = "tests/reliability/test_no_loss.py::test_attach_reattach_and_detach_under_traffic_lose_nothing[veth]"
 
 # The one place that says what runs in a guest. "ci" is what tests/kernels
-# runs in every CI run, on 6.1: about 3.5 minutes under TCG with a cached
-# image (plus 1.5 to build it on a fresh machine), against 11 to 13 for the
-# whole matrix on one kernel (docs/kernels.md).
+# runs in every CI run, on 6.1: 3 to 4 minutes under TCG with a cached image
+# (plus 1.5 to build it on a fresh machine), against 12 to 18 for the whole
+# matrix on one kernel (docs/kernels.md).
 SELECTIONS: dict[str, tuple[TestGroup, ...]] = {
     "full": (
         TestGroup("datapath", ("tests/datapath",), 1200,
