@@ -257,11 +257,25 @@ def kernel_version_of(modules_dirs: list[str]) -> str:
     return versions[0]
 
 
-def superseded(recipe: ImageRecipe, names: list[str]) -> list[str]:
-    """Cache entries of the same target built from another recipe ("5.10-<key>"
-    is not "5.10-bullseye-<key>")."""
+# Another checkout on the same machine (a branch with other requirements) may
+# still boot an older entry of the same target: entries go only after a day unused.
+UNUSED_FOR_S = 24 * 3600
+
+
+def superseded(recipe: ImageRecipe, last_used: dict[str, float], now: float) -> list[str]:
+    """Cache entries of the same target built from another recipe and unused for
+    UNUSED_FOR_S, given each entry's last use ("5.10-<key>" is not "5.10-bullseye-<key>")."""
     pattern = re.compile(rf"{re.escape(recipe.target.name)}-[0-9a-f]{{16}}")
-    return sorted(n for n in names if pattern.fullmatch(n) and n != recipe.dirname)
+    return sorted(n for n, t in last_used.items()
+                  if pattern.fullmatch(n) and n != recipe.dirname and now - t > UNUSED_FOR_S)
+
+
+def _last_used(cache: Path) -> dict[str, float]:
+    found = {}
+    for entry in cache.iterdir():
+        with contextlib.suppress(OSError):
+            found[entry.name] = (entry / "last-used").stat().st_mtime
+    return found
 
 
 # --- building ----------------------------------------------------------------
@@ -294,6 +308,7 @@ def ensure_image(recipe: ImageRecipe, cache_dir: str | os.PathLike = DEFAULT_CAC
     with _locked(cache / f".{recipe.target.name}.lock"):
         image = find_image(recipe, cache)
         if image and not rebuild:
+            (image.path / "last-used").touch()
             return image, 0.0
         # Under the lock no other builder of this target runs: a work directory
         # left here is from a builder that was killed.
@@ -303,7 +318,8 @@ def ensure_image(recipe: ImageRecipe, cache_dir: str | os.PathLike = DEFAULT_CAC
         started = time.monotonic()
         image = _build(recipe, cache, build_log)
         seconds = round(time.monotonic() - started, 1)
-        for old in superseded(recipe, os.listdir(cache)):
+        (image.path / "last-used").touch()
+        for old in superseded(recipe, _last_used(cache), time.time()):
             shutil.rmtree(cache / old, ignore_errors=True)
         return image, seconds
 

@@ -84,11 +84,13 @@ def test_mmdebstrap_bootstraps_the_suite_with_kernel_headers_and_our_init():
     assert "--no-index --find-links /tmp/wheels" in hooks
 
 
-def test_a_new_build_supersedes_only_older_images_of_its_own_target():
+def test_a_new_build_removes_only_other_images_of_its_target_unused_for_a_day():
     r = recipe()
-    names = [r.dirname, "6.1-0123456789abcdef", "6.1.build.log", ".6.1.lock", "6.12-0123456789abcdef",
-             "6.1-bullseye-0123456789abcdef", "results"]
-    assert superseded(r, names) == ["6.1-0123456789abcdef"]
+    now, day = 1_000_000.0, 24 * 3600
+    last_used = {r.dirname: now - 2 * day, "6.1-0123456789abcdef": now - 2 * day,
+                 "6.1-fedcba9876543210": now - 60, "6.12-0123456789abcdef": now - 2 * day,
+                 "6.1-bullseye-0123456789abcdef": now - 2 * day}
+    assert superseded(r, last_used, now) == ["6.1-0123456789abcdef"]
 
 
 def test_image_size_leaves_a_gibibyte_free_and_is_whole_mebibytes():
