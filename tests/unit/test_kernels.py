@@ -1,0 +1,231 @@
+"""The kernel matrix's pure parts: image recipes, the guest's job, the qemu line, results and the report."""
+
+from __future__ import annotations
+
+import html
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tcbypass.lab import kernel_results as results
+from tcbypass.lab import kernels
+from tcbypass.lab.kernel_image import (GUEST_PACKAGES, Image, ImageError, ImageRecipe, image_size_bytes,
+                                       kernel_version_of, mmdebstrap_argv, pip_download_argv,
+                                       requirements_from_pyproject, superseded)
+
+REPO = Path(__file__).resolve().parents[2]
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="4" time="3.2">
+<testcase classname="tests.datapath.test_verdicts" name="test_a_is_redirected" time="0.51" />
+<testcase classname="tests.datapath.test_verdicts" name="test_b[x]" time="1.2">
+  <failure message="AssertionError: assert (0, 'pass runt') == (7, 'redirect from_vm')&#10;second line">trace</failure>
+</testcase>
+<testcase classname="tests.datapath.test_counters" name="test_c" time="0.1">
+  <error message="failed on setup with &quot;Exception: cannot load program&quot;">trace</error>
+</testcase>
+<testcase classname="tests.datapath.test_counters" name="test_d" time="0.0">
+  <skipped type="pytest.skip" message="needs two CPUs">skip</skipped>
+</testcase>
+</testsuite></testsuites>
+"""
+
+
+def recipe(**change) -> ImageRecipe:
+    fields = {"target": kernels.targets()["6.1"], "packages": GUEST_PACKAGES,
+              "requirements": ("pyroute2>=0.9", "click>=8.1"), **change}
+    return ImageRecipe(**fields)
+
+
+def test_the_mirror_targets_include_debian_12_and_11_by_default():
+    known = kernels.targets()
+    assert {"6.1", "5.10"} <= set(kernels.DEFAULT_KERNELS) <= set(known)
+    assert known["6.1"].suite == "bookworm" and known["5.10-bullseye"].suite == "bullseye"
+    assert known["5.10"].kernel_packages[0] == "linux-image-amd64/bullseye-security"
+    assert all(any("-security" in s for s in t.sources) for t in known.values())
+
+
+def test_recipe_key_is_stable_and_changes_with_every_input():
+    base = recipe()
+    assert base.key() == recipe().key()
+    others = [recipe(requirements=("pyroute2>=0.9",)), recipe(packages=GUEST_PACKAGES + ("tcpdump",)),
+              recipe(init_script="#!/bin/sh\n"), recipe(format=99),
+              ImageRecipe(kernels.targets()["5.10"], GUEST_PACKAGES, base.requirements)]
+    assert len({base.key(), *(r.key() for r in others)}) == 1 + len(others)
+    assert base.dirname == f"6.1-{base.key()}"
+
+
+def test_requirements_come_from_pyproject_with_the_test_extra_and_without_bench():
+    reqs = requirements_from_pyproject((REPO / "pyproject.toml").read_text())
+    names = {r.split(">")[0].split("<")[0].split("=")[0] for r in reqs}
+    assert {"pyroute2", "click", "rich", "prometheus_client", "pytest", "hypothesis", "scapy", "pyyaml"} <= names
+    assert "matplotlib" not in names
+
+
+def test_wheels_are_fetched_as_binaries_for_the_guest_python():
+    argv = pip_download_argv("3.9", ("pyroute2>=0.9",), "/w")
+    assert argv[argv.index("--python-version") + 1] == "3.9"
+    assert "--only-binary=:all:" in argv and "pyroute2>=0.9" in argv
+    # pip judges markers by the host's Python: the backports older guests need are asked for outright.
+    assert {"exceptiongroup", "tomli"} <= set(argv)
+
+
+def test_mmdebstrap_bootstraps_the_suite_with_kernel_headers_and_our_init():
+    r = recipe()
+    argv = mmdebstrap_argv(r, "/x/rootfs", "/x/wheels", "/x/init", "/x/shim")
+    include = next(a for a in argv if a.startswith("--include="))
+    assert "linux-image-amd64" in include and "linux-headers-amd64" in include and "python3-bpfcc" in include
+    assert argv[-len(r.target.sources) - 2:-len(r.target.sources)] == ["bookworm", "/x/rootfs"]
+    assert list(argv[-len(r.target.sources):]) == list(r.target.sources)
+    hooks = " ".join(argv)
+    assert "upload /x/init /usr/local/sbin/tcb-matrix-init" in hooks
+    assert "--no-index --find-links /tmp/wheels" in hooks
+
+
+def test_a_new_build_removes_only_other_images_of_its_target_unused_for_a_day():
+    r = recipe()
+    now, day = 1_000_000.0, 24 * 3600
+    last_used = {r.dirname: now - 2 * day, "6.1-0123456789abcdef": now - 2 * day,
+                 "6.1-fedcba9876543210": now - 60, "6.12-0123456789abcdef": now - 2 * day,
+                 "6.1-bullseye-0123456789abcdef": now - 2 * day}
+    assert superseded(r, last_used, now) == ["6.1-0123456789abcdef"]
+
+
+def test_image_size_leaves_a_gibibyte_free_and_is_whole_mebibytes():
+    size = image_size_bytes(1000 * (1 << 20) + 5)
+    assert size % (1 << 20) == 0 and size >= 1250 * (1 << 20) + (1 << 30)
+
+
+def test_an_image_holds_exactly_one_kernel():
+    assert kernel_version_of(["6.1.0-50-amd64"]) == "6.1.0-50-amd64"
+    for dirs in ([], ["6.1.0-50-amd64", "6.1.0-57-amd64"]):
+        with pytest.raises(ImageError):
+            kernel_version_of(dirs)
+
+
+def test_qemu_boots_the_image_on_an_overlay_with_the_run_directory_shared(tmp_path):
+    image = Image(tmp_path / "img", "6.1.0-50-amd64", {})
+    argv = kernels.qemu_argv(image, tmp_path / "share", "tcg")
+    line = " ".join(argv)
+    assert "snapshot=on" in line and "format=raw,if=virtio" in line
+    assert f"path={tmp_path / 'share'},mount_tag=tcbshare" in line
+    assert argv[argv.index("-kernel") + 1] == str(image.vmlinuz)
+    assert "init=/usr/local/sbin/tcb-matrix-init" in argv[argv.index("-append") + 1]
+    assert "tcg,thread=multi" in argv and "kvm" not in argv
+    assert "kvm" in kernels.qemu_argv(image, tmp_path, "kvm")
+
+
+def test_the_job_runs_doctor_then_every_group_with_its_limit_and_junit():
+    groups = kernels.SELECTIONS["full"]
+    job = kernels.job_script(groups)
+    assert job.index("doctor --json") < job.index("-m pytest")
+    assert "tcbypass doctor >" in job, "falls back to plain doctor when --json is unknown"
+    for g in groups:
+        assert f'--junitxml="$out/{g.name}.xml"' in job
+        assert f"timeout -k 15 {g.limit} " in job
+        assert f"group-end {g.name}" in job
+
+
+def test_the_job_exports_the_environment_it_is_given():
+    job = kernels.job_script(kernels.SELECTIONS["ci"], {"TCBYPASS_TRAFFIC_SLOWDOWN": "20"})
+    assert "export TCBYPASS_TRAFFIC_SLOWDOWN=20" in job
+    assert "TCBYPASS_TRAFFIC_SLOWDOWN" not in kernels.job_script(kernels.SELECTIONS["ci"])
+
+
+def test_the_job_is_valid_shell(tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(kernels.job_script(kernels.SELECTIONS["full"], {"A": "b c"}))
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+
+
+def test_every_selection_names_existing_tests():
+    for groups in kernels.SELECTIONS.values():
+        for g in groups:
+            for arg in g.args:
+                assert (REPO / arg.split("::")[0]).exists(), arg
+
+
+def test_junit_cases_carry_outcome_and_the_first_line_of_the_message():
+    cases = results.parse_junit(JUNIT)
+    assert [(c.nodeid, c.outcome) for c in cases] == [
+        ("tests/datapath/test_verdicts.py::test_a_is_redirected", "passed"),
+        ("tests/datapath/test_verdicts.py::test_b[x]", "failed"),
+        ("tests/datapath/test_counters.py::test_c", "error"),
+        ("tests/datapath/test_counters.py::test_d", "skipped"),
+    ]
+    assert cases[1].message == "AssertionError: assert (0, 'pass runt') == (7, 'redirect from_vm')"
+    assert cases[1].seconds == 1.2
+
+
+def test_a_crashed_cli_is_summarised_by_the_exception_that_ended_it():
+    message = ("AssertionError: Traceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n"
+               "    main()\nAttributeError: libbpf.so.0: undefined symbol: bpf_obj_get_opts\n\nassert 1 == 0")
+    xml = JUNIT.replace('message="AssertionError: assert (0, \'pass runt\') == (7, \'redirect from_vm\')&#10;second line"',
+                        'message="' + html.escape(message, quote=True).replace("\n", "&#10;") + '"')
+    assert results.parse_junit(xml)[1].message == (
+        "AssertionError: traceback ending in AttributeError: libbpf.so.0: undefined symbol: bpf_obj_get_opts")
+
+
+def test_console_marks_give_exit_code_and_seconds_per_group():
+    lines = ["noise", "TCB-MATRIX doctor-end 0 15230", "TCB-MATRIX group-start datapath",
+             "TCB-MATRIX group-end datapath 1 93004\r", "TCB-MATRIX group-end no-loss 124 900000"]
+    assert results.parse_marks(lines) == {"doctor": (0, 15.23), "datapath": (1, 93.004),
+                                         "no-loss": (124, 900.0)}
+
+
+def test_collect_reads_junit_doctor_and_facts_and_flags_unfinished_groups(tmp_path):
+    (tmp_path / "datapath.xml").write_text(JUNIT)
+    (tmp_path / "doctor.json").write_text('{"features": {"hook": "clsact"}}')
+    (tmp_path / "facts.json").write_text('{"uname": "6.1.0-50-amd64", "bcc": "0.26.0"}')
+    groups = kernels.SELECTIONS["full"]
+    result = results.collect("6.1", tmp_path, ["TCB-MATRIX group-end datapath 1 9000"], [g.name for g in groups],
+                             accel="tcg")
+    assert result.kernel == "6.1.0-50-amd64" and result.accel == "tcg"
+    assert result.doctor == {"features": {"hook": "clsact"}}
+    datapath, explicit = result.groups[0], result.groups[1]
+    assert (datapath.rc, datapath.count("passed"), datapath.count("failed")) == (1, 1, 1) and not datapath.ok
+    assert explicit.rc is None and "did not finish" in explicit.summary
+    assert not result.ok
+    assert json.loads(json.dumps(result.to_json()))["groups"][0]["ok"] is False
+    assert results.hook_path(result.doctor) == "clsact"
+
+
+def test_plain_doctor_text_is_kept_when_json_is_missing(tmp_path):
+    (tmp_path / "doctor.json").write_text("")
+    (tmp_path / "doctor.txt").write_text("ok  bpffs  mounted on /sys/fs/bpf\n")
+    assert results.read_doctor(tmp_path) == "ok  bpffs  mounted on /sys/fs/bpf"
+
+
+def test_report_table_has_one_row_per_kernel_and_lists_failures():
+    ok = results.GroupResult("datapath", 0, 90.0, results.parse_junit(JUNIT)[:1])
+    bad = results.GroupResult("explicit", 1, 200.0, results.parse_junit(JUNIT)[1:2])
+    runs = [results.KernelResult("6.1", kernel="6.1.0-50-amd64", accel="tcg", boot_seconds=14, groups=(ok,)),
+            results.KernelResult("5.10", kernel="5.10.0-30-amd64", accel="tcg", groups=(ok, bad))]
+    table = results.markdown_table(runs).splitlines()
+    assert len(table) == 4
+    assert "| 6.1 (6.1.0-50-amd64) |" in table[2] and "| pass |" in table[2]
+    assert "FAIL: explicit 1 failed" in table[3]
+    assert results.failures(runs) == [
+        "5.10 tests/datapath/test_verdicts.py::test_b[x]: failed: "
+        "AssertionError: assert (0, 'pass runt') == (7, 'redirect from_vm')"]
+
+
+def test_unknown_kernel_or_selection_is_refused(tmp_path):
+    with pytest.raises(kernels.MatrixError, match="unknown kernel 4.19"):
+        kernels.run_matrix(["4.19"], "full", tmp_path)
+    with pytest.raises(kernels.MatrixError, match="unknown selection"):
+        kernels.run_matrix(["6.1"], "most", tmp_path)
+
+
+def test_a_result_survives_its_json_and_the_report_reads_it_back(tmp_path, capsys):
+    cases = results.parse_junit(JUNIT)
+    result = results.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", doctor={"hook": "clsact"},
+                                  groups=(results.GroupResult("datapath", 1, 12.5, cases),))
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result.to_json()))
+    assert results.KernelResult.from_json(json.loads(path.read_text())) == result
+    assert kernels.main(["--report", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "| 6.1 (6.1.0-57-amd64) | clsact |" in out and "test_b[x]: failed" in out
