@@ -1,6 +1,6 @@
 """The benchmark's pure parts: reading the tools, the arithmetic the tables and
 issue 10's targets rest on, scenario names, the reference program's build
-options. No root, no kernel."""
+options, the scale bench's summaries. No root, no kernel."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.console import Console
 
 from tcbypass.cli import BENCH_SCENARIOS, App, main
 from tcbypass.errors import InputError
-from tcbypass.lab import bench, costs, minimal, report, scenarios, traffic
+from tcbypass.lab import bench, costs, minimal, report, scale, scenarios, traffic
 from tcbypass.lab.results import (HEADLINE, ProgramCost, Sample, Summary, live_above_minimal, recovered,
                                   recovered_share, summarize, talk_share, targets)
 
@@ -188,6 +188,14 @@ def test_a_saved_report_renders_again_without_measuring():
     assert "targets (issue 10)" in console.export_text()
 
 
+def test_scale_summaries_and_ips():
+    s = scale.spread([0.3, 0.1, 0.2, 0.4], scale=1000)
+    assert (s["p50"], s["max"], s["n"]) == (250.0, 400.0, 4)
+    ips = [scale.vm_ip(i) for i in range(300)]
+    assert len(set(ips)) == 300 and ips[0] == "10.16.0.4" and "10.16.0.2" not in ips
+    assert all(not ip.endswith((".0", ".255")) for ip in ips)
+
+
 class _Root:
     def require_root(self, what):
         pass
@@ -201,3 +209,8 @@ def _invoke(*args):
 def test_bench_refuses_an_unknown_scenario_before_building_anything():
     res = _invoke("bench", "--scenarios", "direct,bypass_peer")
     assert res.exit_code == 2 and "unknown scenario(s): bypass_peer" in res.output
+
+
+def test_datapath_options_given_to_the_scale_bench_are_refused():
+    res = _invoke("bench", "--quick", "scale", "10")
+    assert res.exit_code == 2 and "--quick" in res.output
