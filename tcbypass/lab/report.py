@@ -95,6 +95,12 @@ def _verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("pass" if ok else "FAIL")
 
 
+def has_targets(data: dict) -> bool:
+    """Did the run measure the product or the reference at all (are there targets to show)?"""
+    t = data.get("targets") or {}
+    return bool(t) and any(m[t["product"]] is not None or m[t["reference"]] is not None for m in t["metrics"])
+
+
 def target_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     """The five headline metrics, product and reference side by side, then the checks."""
     t = data.get("targets") or {}
@@ -189,8 +195,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def markdown(data: dict) -> str:
     """All tables of a report in Markdown, for docs/benchmarks.md."""
-    parts = ["#### Issue 10's targets", markdown_table(*target_rows(data)),
-             "#### Against the reference talk", markdown_table(*talk_rows(data))]
+    parts = []
+    if has_targets(data):
+        parts += ["#### Issue 10's targets", markdown_table(*target_rows(data)),
+                  "#### Against the reference talk", markdown_table(*talk_rows(data))]
     for test in LAT_TESTS:
         parts += [f"#### {test}: medians (µs) here and in the reference talk",
                   markdown_table(*comparison_rows(data, test)),
@@ -229,7 +237,7 @@ def render(data: dict, console) -> None:
     if data.get("targets", {}).get("live_above_minimal"):
         console.print(table("live program cost above the minimal reference (ns/packet)", *live_rows(data)))
     console.print(table("attach time (one NIC)", *attach_rows(data)))
-    if data.get("targets"):
+    if has_targets(data):
         t = data["targets"]
         title = f"targets (issue 10): {t['product']} against {t['reference']}"
         if t["quick"]:
