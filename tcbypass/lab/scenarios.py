@@ -104,7 +104,7 @@ class Scenario:
     tap: str = ""
     nic: str = ""
     hook: str = ""  # where its programs run (tcx | clsact), "" without programs
-    mode: str = ""  # how frames leave the VM's side: peer | redirect
+    mode: str = ""  # how frames from the VM leave: peer | peer-host (the product only) | redirect
     spec: AttachSpec | None = None  # the product's attachment
     first_attach: AttachResult | None = None
     reference: minimal.Reference | None = None
@@ -161,7 +161,7 @@ def _attach_product(scen: Scenario, variant: Variant, tag: str, stack: contextli
                            from_vm=variant.from_vm)
     stack.callback(attachments.detach, scen.spec.name)  # registered first: runs even if attach fails midway
     scen.first_attach = attachments.attach(scen.spec)
-    scen.hook, scen.mode = scen.first_attach.record.hook, scen.first_attach.record.mode
+    scen.hook, scen.mode = scen.first_attach.record.hook, scen.first_attach.record.from_vm
 
 
 def _hook_reference(scen: Scenario, variant: Variant, stack: contextlib.ExitStack) -> None:
