@@ -247,6 +247,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+
+
 def memory_of(pid: int) -> dict:
     """VmRSS and VmHWM of a process, in MiB."""
     out = {}
@@ -398,6 +405,7 @@ def phase_agent(node: Node, plan: ScalePlan, step: Progress) -> tuple[dict, list
         states = [attachments.status_of(name) for name in node.names]
         out["active"] = sum(1 for s in states if s is not None and s.state == STATE_ACTIVE)
         out["memory_at_all_attached"] = memory_of(agent.proc.pid)
+        out["cpu_s_at_all_attached"] = cpu_seconds_of(agent.proc.pid)
         step("agent: idle a moment, then a metrics scrape")
         time.sleep(2)
         out["metrics_scrape_ok"] = agent.metrics_up()
@@ -406,6 +414,8 @@ def phase_agent(node: Node, plan: ScalePlan, step: Progress) -> tuple[dict, list
             out["traffic_through_fast_path"] = _check_traffic(node)
     finally:
         out["exit_code"] = agent.stop()
+        with open(agent.log.name) as f:
+            out["failed_attaches_logged"] = sum("attach failed" in line for line in f)
     step("status with every attachment")
     out["status"] = _status_times(node, plan.status_runs)
     step("kernel memory per attachment")
@@ -466,7 +476,8 @@ def judge(report: dict) -> list[dict]:
 
     def check(what: str, value, limit: float, unit: str) -> None:
         if value is not None:
-            checks.append({"target": what, "value": value, "limit": limit, "unit": unit, "pass": value <= limit})
+            checks.append({"target": what, "value": rnd(value, 3), "limit": limit, "unit": unit,
+                           "pass": value <= limit})
 
     n = report["plan"]["vms"]
     inproc, cli, agent = report.get("inproc", {}), report.get("cli", {}), report.get("agent", {})
@@ -542,7 +553,9 @@ def rows(report: dict) -> list[tuple[str, str]]:
     if a:
         out.append(("agent: all attached after start", f"{a['all_attached_s']:.2f} s "
                     f"(first {a['first_attached_s']:.2f} s); {a['active']}/{b['vms']} active"))
-        out.append(("agent memory", f"VmRSS {a['memory']['rss_mib']} MiB, VmHWM {a['memory']['hwm_mib']} MiB"))
+        out.append(("agent memory and CPU", f"VmRSS {a['memory']['rss_mib']} MiB, VmHWM {a['memory']['hwm_mib']} MiB; "
+                    f"{a['cpu_s_at_all_attached']} s of CPU until all attached; "
+                    f"{a['failed_attaches_logged']} failed attaches logged (retried)"))
         st = a["status"]
         out.append((f"tcbypass status ({st.get('rows')} rows)", f"p50 {st['table']['p50']:.2f} s, "
                     f"max {st['table']['max']:.2f} s; --json p50 {st['json']['p50']:.2f} s"))
