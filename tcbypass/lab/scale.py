@@ -334,9 +334,13 @@ def build_node(sb: Sandbox, plan: ScalePlan, step: Progress) -> tuple[Node, dict
         node.names.append(nic.iface_id)
     seconds = time.monotonic() - started
     ports = sb.vsctl("list-ports", sb.bridge).split()
+    step("measuring ovs-vswitchd at rest")
+    before = cpu_seconds_of(sb.vswitchd_pid)
+    time.sleep(3)
+    idle_pct = round((cpu_seconds_of(sb.vswitchd_pid) - before) / 3 * 100, 1)
     return node, {"vms": plan.vms, "vm_link": plan.vm_link, "seconds": round(seconds, 1),
                   "per_vm_s": spread(per_vm), "first_10_s": spread(per_vm[:10]), "last_10_s": spread(per_vm[-10:]),
-                  "netns": len(sb.netns_names), "ovs_ports": len(ports)}
+                  "netns": len(sb.netns_names), "ovs_ports": len(ports), "ovs_vswitchd_idle_cpu_pct": idle_pct}
 
 
 def _detach_all(node: Node) -> list[float]:
@@ -548,7 +552,8 @@ def rows(report: dict) -> list[tuple[str, str]]:
     if b:
         out.append((f"build {b['vms']} pods ({b['vm_link']} VMs, userspace OVS)",
                     f"{b['seconds']:.0f} s; per pod p50 {b['per_vm_s']['p50'] * 1000:.0f} ms, last ten "
-                    f"p50 {b['last_10_s']['p50'] * 1000:.0f} ms; {b['netns']} netns, {b['ovs_ports']} OVS ports"))
+                    f"p50 {b['last_10_s']['p50'] * 1000:.0f} ms; {b['netns']} netns, {b['ovs_ports']} OVS ports; "
+                    f"ovs-vswitchd at rest {b['ovs_vswitchd_idle_cpu_pct']} % of a CPU"))
     a = report.get("agent")
     if a:
         out.append(("agent: all attached after start", f"{a['all_attached_s']:.2f} s "
