@@ -1,9 +1,12 @@
 """`tcbypass bench scale N`: a node full of VMs.
 
 Builds N virt-launcher pods with bridge binding on one sandbox node with a
-private OVS (Kube-OVN's port rows in its OVSDB), then attaches them the ways
-a node does, one phase after the other, each ending with everything
-detached and nothing left:
+private OVS (Kube-OVN's port rows in its OVSDB). While the node fills up, at
+a few pod counts (1, 10, 25, 50, 100, ... N), the newest VMI is attached and
+detached a few times by the CLI and in process: one more VMI's attach time
+against the number of pods on the node. Then it attaches all N the ways a
+node does, one phase after the other, each ending with everything detached
+and nothing left:
 
 1. agent    `tcbypass agent` starts (a subprocess, as the DaemonSet runs it)
             on a node where the N pods are already plugged: the time until
@@ -94,6 +97,14 @@ class ScalePlan:
     agent_timeout: float = 600.0  # seconds for the agent to have all N active: only a stuck agent takes this long
     status_runs: int = 3
     phases: tuple[str, ...] = ("agent", "cli", "inproc")
+    checkpoint_samples: int = 3  # attaches of the newest pod at each checkpoint while the node fills (0: none)
+
+    def checkpoints(self) -> list[int]:
+        """Pod counts at which one more VMI's attach is timed while the node is built."""
+        if not self.checkpoint_samples:
+            return []
+        marks = {n for n in (1, 10, 25, 50, 100, 150, 200, 250, 300, 400, 500, 750, 1000) if n <= self.vms}
+        return sorted(marks | {self.vms})
 
 
 # --- kernel objects ----------------------------------------------------------------------
@@ -318,8 +329,30 @@ class Node:
         return vmi.Settings(ovsdb_url=self.sb.ovsdb_url, ovs_netns=self.sb.netns_path(self.sb.node))
 
 
+def checkpoint(node: Node, i: int, samples: int) -> dict:
+    """One more VMI on a node with i + 1 pods: attach and detach the newest pod
+    `samples` times by the CLI and in process."""
+    name, cli, inproc, inproc_attach = vmi_name(i), [], [], []
+    for _ in range(samples):
+        seconds, proc = _timed_cli("attach", name, "-n", node.namespace, "--ovsdb", node.sb.ovsdb_url,
+                                   "--ovs-netns", node.sb.netns_path(node.sb.node))
+        if proc.returncode != 0:
+            raise ScaleError(f"tcbypass attach {name} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        cli.append(seconds)
+        _timed_cli("detach", name, "-n", node.namespace)
+        t = time.monotonic()
+        result = vmi.attach_vmi(name, node.namespace, node.settings, managed_by="bench")
+        inproc.append(time.monotonic() - t)
+        inproc_attach += [r.seconds for r in result.attached]
+        vmi.detach_vmi(name, node.namespace)
+    return {"pods": i + 1, "cli_s": spread(cli), "attach_vmi_ms": spread(inproc, 1000),
+            "attach_ms": spread(inproc_attach, 1000)}
+
+
 def build_node(sb: Sandbox, plan: ScalePlan, step: Progress) -> tuple[Node, dict]:
+    """The N pods, one after the other; at each checkpoint, one more VMI's attach time."""
     node = Node(sb, f"scale-{sb.tag}")
+    marks, checkpoints = set(plan.checkpoints()), []
     if plan.vm_link == "veth":
         sb.add_server_pod("web", SERVER_IP, namespace=node.namespace)
     per_vm = []
@@ -332,6 +365,11 @@ def build_node(sb: Sandbox, plan: ScalePlan, step: Progress) -> tuple[Node, dict
         per_vm.append(time.monotonic() - t)
         node.nics.append(nic)
         node.names.append(nic.iface_id)
+        if i + 1 in marks:
+            step(f"one more VMI on a node with {i + 1} pods")
+            t = time.monotonic()
+            checkpoints.append(checkpoint(node, i, plan.checkpoint_samples))
+            started += time.monotonic() - t  # not building
     seconds = time.monotonic() - started
     ports = sb.vsctl("list-ports", sb.bridge).split()
     step("measuring ovs-vswitchd at rest")
@@ -340,7 +378,8 @@ def build_node(sb: Sandbox, plan: ScalePlan, step: Progress) -> tuple[Node, dict
     idle_pct = round((cpu_seconds_of(sb.vswitchd_pid) - before) / 3 * 100, 1)
     return node, {"vms": plan.vms, "vm_link": plan.vm_link, "seconds": round(seconds, 1),
                   "per_vm_s": spread(per_vm), "first_10_s": spread(per_vm[:10]), "last_10_s": spread(per_vm[-10:]),
-                  "netns": len(sb.netns_names), "ovs_ports": len(ports), "ovs_vswitchd_idle_cpu_pct": idle_pct}
+                  "netns": len(sb.netns_names), "ovs_ports": len(ports), "ovs_vswitchd_idle_cpu_pct": idle_pct,
+                  "checkpoints": checkpoints}
 
 
 def _detach_all(node: Node) -> list[float]:
@@ -554,6 +593,9 @@ def rows(report: dict) -> list[tuple[str, str]]:
                     f"{b['seconds']:.0f} s; per pod p50 {b['per_vm_s']['p50'] * 1000:.0f} ms, last ten "
                     f"p50 {b['last_10_s']['p50'] * 1000:.0f} ms; {b['netns']} netns, {b['ovs_ports']} OVS ports; "
                     f"ovs-vswitchd at rest {b['ovs_vswitchd_idle_cpu_pct']} % of a CPU"))
+    for c in b.get("checkpoints", []):
+        out.append((f"one more VMI with {c['pods']} pods on the node", f"CLI p50 {c['cli_s']['p50']:.3f} s; in process "
+                    f"attach_vmi p50 {c['attach_vmi_ms']['p50']:.0f} ms, attach p50 {c['attach_ms']['p50']:.1f} ms"))
     a = report.get("agent")
     if a:
         out.append(("agent: all attached after start", f"{a['all_attached_s']:.2f} s "
@@ -634,7 +676,24 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (first, left, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+    points = report.get("build", {}).get("checkpoints", [])
+    if points:
+        xs = [c["pods"] for c in points]
+        for key, scale_to_ms, label, colour in (("cli_s", 1000, "tcbypass attach VMI (CLI wall time)", "tab:blue"),
+                                               ("attach_vmi_ms", 1, "vmi.attach_vmi (with discovery)", "tab:green"),
+                                               ("attach_ms", 1, "attachments.attach", "tab:orange")):
+            p50 = [c[key]["p50"] * scale_to_ms for c in points]
+            low = [p - c[key]["min"] * scale_to_ms for p, c in zip(p50, points)]
+            high = [c[key]["max"] * scale_to_ms - p for p, c in zip(p50, points)]
+            first.errorbar(xs, p50, yerr=[low, high], marker="o", ms=4, capsize=2, color=colour, label=label)
+        first.set_yscale("log")
+        first.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        first.set_xlabel("N: VM pods on the node")
+        first.set_ylabel("ms (median, min–max)")
+        first.set_title("one more VMI, against pods on the node")
+        first.grid(True, which="both", alpha=0.3)
+        first.legend(fontsize=7)
     if report.get("cli"):
         ys = report["cli"]["attach_samples_s"]
         left.plot(range(1, len(ys) + 1), [y * 1000 for y in ys], ".", ms=3, color="tab:blue",
@@ -647,9 +706,9 @@ def plot(report: dict, path: str) -> None:
                   label="vmi.attach_vmi (in process, with discovery)")
     left.set_yscale("log")
     left.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    left.set_xlabel("N: attachments on the node, this one included")
+    left.set_xlabel("attachments on the node, this one included (all pods present)")
     left.set_ylabel("ms")
-    left.set_title("attach time against N")
+    left.set_title("each attach of a phase, against attachments present")
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=7)
     if report.get("agent"):
