@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import bpfsys, netdev, netns
+from ..errors import BpfError
 from ..features import HOOK_CLSACT, HOOK_TCX
 
 SOURCE = Path(__file__).with_name("minimal.c")
@@ -124,14 +125,23 @@ class Reference:
 def build(pod_ns: str, tap: str, nic: str, vm_mac: str, host_mac: str, hook: str, peer: bool) -> Reference:
     """Compile minimal.c for this pod and hook it. bcc is needed here (the
     benchmark builds a reference; nodes never do)."""
-    from bcc import BPF
+    without = "leave the minimal scenarios out (--scenarios direct,bridge,bypass)"
+    try:
+        from bcc import BPF
+    except ImportError:
+        raise BpfError("the minimal reference program is compiled by the bench, and bcc is not installed",
+                       hint=f"install python3-bpfcc and kernel headers (scripts/setup.sh), or {without}") from None
 
     def indexes() -> tuple[int, int]:
         return socket.if_nametoindex(tap), socket.if_nametoindex(nic)
 
     tap_ifindex, nic_ifindex = netns.run_in(pod_ns, indexes)
-    bpf = BPF(src_file=str(SOURCE).encode(),
-              cflags=cflags(vm_mac, host_mac, tap_ifindex, nic_ifindex, peer))
+    try:
+        bpf = BPF(src_file=str(SOURCE).encode(),
+                  cflags=cflags(vm_mac, host_mac, tap_ifindex, nic_ifindex, peer))
+    except Exception as exc:  # bcc raises plain Exceptions; clang's messages went to stderr
+        raise BpfError(f"bcc could not compile {SOURCE.name} ({exc})",
+                       hint=f"kernel headers missing? 'tcbypass doctor' says; or {without}") from None
     try:
         from_vm = bpf.load_func(FROM_VM.encode(), BPF.SCHED_CLS).fd
         to_vm = bpf.load_func(TO_VM.encode(), BPF.SCHED_CLS).fd
