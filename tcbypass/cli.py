@@ -446,48 +446,147 @@ def demo(app: App, keep: bool, cleanup: str | None) -> None:
                           highlight=False)
 
 
-@main.command()
-@click.option("--quick", is_flag=True, help="About 1.5 minutes: 4 sizes, 2 repetitions, 1-second runs (what CI runs).")
+BENCH_SCENARIOS = "direct,bridge,bypass,minimal"  # lab.scenarios.DEFAULT (not imported: the CLI starts fast)
+
+
+@main.group(invoke_without_command=True, subcommand_metavar="[scale N]")
+@click.option("--quick", is_flag=True,
+              help="About 2 minutes: 4 sizes, 2 repetitions, 1-second runs. Checks the plumbing, not the "
+                   "figures (what CI runs).")
 @click.option("--reps", type=click.IntRange(1, 100), metavar="N",
               help="Repetitions (default 6, or 2 with --quick).")
-@click.option("--no-peer", is_flag=True, help="Leave out the bpf_redirect_peer variant (fourth scenario).")
+@click.option("--scenarios", "scenario_names", metavar="A,B,...", default=BENCH_SCENARIOS, show_default=True,
+              help="Which scenarios, by name: direct, bridge, bypass, minimal, and for experiments "
+                   "bypass-clsact, bypass-redirect, minimal-clsact, minimal-redirect.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the results as JSON to FILE.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
-              help="Also draw latency against message size, next to the reference (needs matplotlib).")
-@click.pass_obj
-def bench(app: App, quick: bool, reps: int | None, no_peer: bool, json_file: str | None,
+              help="Also draw latency against message size, next to the reference talk (needs matplotlib).")
+@click.pass_context
+def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str, json_file: str | None,
           plot_file: str | None) -> None:
-    """Measure what the in-pod bridge costs and what the bypass wins back.
+    """Measure what the in-pod bridge costs and what the fast path wins back.
 
-    Builds, side by side in namespaces of its own, a VM wired straight to
-    its peer (direct), KubeVirt's bridge-binding pod (bridge), and the same
-    pod with tcbypass attached (bypass; plus bypass_peer, built with
-    bpf_redirect_peer). Runs qperf latency per message size, iperf3
-    throughput and UDP packet rate, scenarios interleaved, client and server
-    pinned; then the program's own ns/packet and the attach time. Removes
-    everything it built. About 12 minutes (--quick: about 1.5).
+    Builds the scenarios side by side in namespaces of their own and measures
+    them interleaved (the order rotates each repetition), qperf client and
+    server pinned to CPU 0: qperf latency per message size, iperf3 TCP
+    throughput and 64-byte UDP packet rate; then each program's ns/packet
+    (BPF_PROG_TEST_RUN, and in live traffic from the kernel's run-time
+    statistics), and the attach time. Removes everything it built. About
+    15 minutes (--quick: about 2).
+
+    \b
+    Scenarios:
+      direct            the VM's NIC wired straight to its peer
+      bridge            KubeVirt's bridge binding (the in-pod bridge)
+      bypass            bridge + tcbypass, attached as `tcbypass attach` does by default
+      minimal           bridge + the smallest correct program on the best hook (a reference,
+                        built by the bench itself: tcbypass/lab/minimal.c)
+      bypass-clsact, bypass-redirect, minimal-clsact, minimal-redirect
+                        the same on a clsact filter, or with plain bpf_redirect() from the VM
+
+    recovered = (bridge - x) / (bridge - direct) for every scenario x, and
+    issue 10's targets for bypass against minimal.
 
     \b
     Examples:
       tcbypass bench --quick
       tcbypass bench --json docs/benchmarks.json --plot docs/benchmarks.png
+      tcbypass bench --scenarios direct,bridge,bypass,bypass-clsact,minimal,minimal-clsact
+      tcbypass bench scale 250 --json scale.json      (see: tcbypass bench scale --help)
     """
-    from .lab import bench as benchmark
+    if ctx.invoked_subcommand is not None:
+        given = [flag for flag, value in (("--quick", quick), ("--reps", reps), ("--json", json_file),
+                                          ("--plot", plot_file)) if value]
+        if scenario_names != BENCH_SCENARIOS:
+            given.append("--scenarios")
+        if given:
+            raise click.UsageError(f"{', '.join(given)} belong(s) to the datapath benchmark, not to "
+                                   f"'{ctx.invoked_subcommand}': give its own options after it")
+        return
+    from .lab import bench as benchmark, report as bench_report, scenarios
 
+    app: App = ctx.obj
     _require_root(app, "bench")
-    if plot_file:
-        _run(app, benchmark.check_plot)
-    plan = benchmark.plan_for(quick=quick, reps=reps, peer=not no_peer)
-    with benchmark.progress_display(app.err, plan) as progress:
+    names = _run(app, scenarios.parse, scenario_names)
+    if plot_file and not bench_report.can_plot():
+        raise click.UsageError("--plot needs matplotlib (pip install matplotlib, the 'bench' extra)")
+    plan = benchmark.plan_for(quick=quick, reps=reps, names=names)
+    with bench_report.progress_display(app.err, plan.steps()) as progress:
         report = _run(app, benchmark.run, plan, progress)
-    benchmark.render(report, app.console)
+    data = report.to_json()
+    bench_report.render(data, app.console)
     if json_file:
-        _run(app, benchmark.write_json, report, json_file)
+        _run(app, benchmark.write_json, data, json_file)
         app.err.print(f"results: {json_file}", highlight=False)
     if plot_file:
-        _run(app, benchmark.plot, report, plot_file)
+        _run(app, bench_report.plot, data, plot_file)
         app.err.print(f"plot: {plot_file}", highlight=False)
+
+
+@bench.command("scale")
+@click.argument("vms", metavar="N", type=click.IntRange(1, 2000))
+@click.option("--vm-link", type=click.Choice(["tap", "veth"]), default="tap", show_default=True,
+              help="The VM side of each pod: a tap with no process behind it (as before qemu opens it), or "
+                   "a veth into a namespace of its own (then the first and last VM are pinged through the "
+                   "fast path).")
+@click.option("--phases", default="agent,cli,inproc", show_default=True, metavar="A,B,...",
+              help="Which ways of attaching to measure: agent, cli, inproc.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also write the results as JSON to FILE.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
+              help="Also draw attach time against N and the agent's progress (needs matplotlib).")
+@click.pass_obj
+def bench_scale(app: App, vms: int, vm_link: str, phases: str, json_file: str | None, plot_file: str | None) -> None:
+    """A node full of VMs: build N bridge-binding VM pods on a sandbox node
+    with a private OVS, and attach them the ways a node does.
+
+    While the node fills up, at 1, 10, 25, 50, 100, ... N pods, the newest
+    VMI is attached a few times by the CLI and in process: one more VMI's
+    attach time against the pods on the node. Then, all N pods plugged:
+
+    \b
+    agent   `tcbypass agent` starts with all N pods already plugged: time
+            until all N are attached, its RSS; then `tcbypass status` with
+            N rows and the kernel memory (memlock) of each attachment
+    cli     N sequential `tcbypass attach VMI` calls, as a node hook makes
+            them: wall time p50/p90/max, Python start-up included
+    inproc  attach in this process: the attach's own time
+
+    After each phase everything is detached, and no pin, lock file,
+    program or map of the N attachments may remain. The program is compiled
+    into the object cache first (a prepared node). Building takes about 0.1 s
+    per pod at first and 0.5 s at 250 pods here: the sandbox's userspace OVS
+    slows down as ports are added (and polls them: about a quarter of a CPU
+    at 250).
+
+    \b
+    Examples:
+      tcbypass bench scale 100
+      tcbypass bench scale 250 --json scale.json --plot scale.png
+    """
+    from .lab import report as bench_report, scale
+
+    _require_root(app, "bench scale")
+    chosen = tuple(p.strip() for p in phases.split(",") if p.strip())
+    if not chosen or any(p not in ("agent", "cli", "inproc") for p in chosen):
+        raise click.UsageError("--phases takes agent, cli and inproc, separated by commas")
+    if plot_file and not bench_report.can_plot():
+        raise click.UsageError("--plot needs matplotlib (pip install matplotlib, the 'bench' extra)")
+    plan = scale.ScalePlan(vms=vms, vm_link=vm_link, phases=chosen)
+    with app.err.status("building the node") as spinner:
+        report = _run(app, scale.run, plan, lambda text: spinner.update(text))
+    scale.render(report, app.console)
+    if json_file:
+        from .lab.bench import write_json
+
+        _run(app, write_json, report, json_file)
+        app.err.print(f"results: {json_file}", highlight=False)
+    if plot_file:
+        _run(app, scale.plot, report, plot_file)
+        app.err.print(f"plot: {plot_file}", highlight=False)
+    if not all(c["pass"] for c in report["targets"] if c["target"].startswith("nothing left")):
+        sys.exit(1)
 
 
 @main.command()

@@ -7,5 +7,7 @@ kernels  the kernel matrix: the tests, in qemu guests running other kernels
 kernel_image  the cached Debian guest images the matrix boots
 kernel_results  what a matrix run found, and its report
 demo     `tcbypass demo`
-bench    `tcbypass bench`
+bench    `tcbypass bench`: the run, with scenarios, traffic, costs, results and report
+minimal  the bench's reference program (minimal.c) and hooking programs for a scenario
+scale    `tcbypass bench scale N`: a node full of VM pods
 """
