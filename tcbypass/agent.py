@@ -60,6 +60,18 @@ def _link_events_socket(path: str) -> socket.socket:
     return netns.run_in(path, make)
 
 
+def _wait_readable(readers: list, timeout: float | None) -> list:
+    """The readers (fds or sockets) that became readable within `timeout`
+    seconds. poll(2), not select(2): a node with a thousand pods holds more
+    sockets than select's FD_SETSIZE allows."""
+    poller, by_fd = select.poll(), {}
+    for reader in readers:
+        fd = reader if isinstance(reader, int) else reader.fileno()
+        poller.register(fd, select.POLLIN)
+        by_fd[fd] = reader
+    return [by_fd[fd] for fd, _ in poller.poll(None if timeout is None else max(0, timeout) * 1000)]
+
+
 class Agent:
     def __init__(self, settings: Settings, detach_on_exit: bool = False, debounce: float = DEBOUNCE):
         self.settings = settings
@@ -170,8 +182,7 @@ class Agent:
         while not self._stop:
             self._reconcile_due()
             timeout = self._next_deadline()
-            readers = [conn.fileno(), self._wake_r, *self._watch.values()]
-            ready, _, _ = select.select(readers, [], [], timeout)
+            ready = _wait_readable([conn.fileno(), self._wake_r, *self._watch.values()], timeout)
             for fd in ready:
                 if fd == conn.fileno():
                     self._drain_ovsdb(conn)

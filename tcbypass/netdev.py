@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -73,11 +75,43 @@ def _decode(msg) -> Link:
 
 
 def open_netns(path: str) -> IPRoute:
-    """An rtnetlink socket inside the namespace at `path` (never creates one)."""
+    """An rtnetlink socket inside the namespace at `path` (never creates one).
+
+    The socket is made on a thread that has entered the namespace (a socket
+    keeps the namespace it was made in) and handed to pyroute2 as a file
+    descriptor: about 3 ms, where IPRoute(netns=...) forks a helper process
+    to make it (7-17 ms, paid by every attach and every row of status)."""
+    from . import netns
+
+    def make() -> int:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        return sock.detach()
+
     try:
-        return IPRoute(netns=path, flags=0)
+        fd = netns.run_in(path, make)
+    except NetnsError:
+        raise
+    except OSError as exc:
+        raise NetnsError(f"cannot open network namespace {path} ({exc.strerror})",
+                         hint="is the pod still running?") from None
+    try:
+        return IPRoute(fileno=fd)
     except (OSError, NetlinkError) as exc:
+        os.close(fd)
         raise NetnsError(f"cannot open network namespace {path} ({exc})", hint="is the pod still running?") from None
+
+
+def links_named(ipr: IPRoute, names) -> dict[str, Link]:
+    """The devices of these names that exist (one lookup each, no dump)."""
+    found = {}
+    for name in names:
+        try:
+            msgs = ipr.link("get", ifname=name)
+        except NetlinkError:
+            continue  # not there
+        if msgs:
+            found[name] = _decode(msgs[0])
+    return found
 
 
 def list_links(ipr: IPRoute) -> dict[str, Link]:

@@ -45,13 +45,21 @@ class VmiResult:
     removed: tuple[Record, ...]  # attachments of NICs the VMI no longer has
 
 
-def _host_links(settings: Settings) -> dict[str, netdev.Link]:
-    if settings.ovs_netns:
-        with netdev.open_netns(netns.path_of(settings.ovs_netns)) as ipr:
-            return netdev.list_links(ipr)
-    from pyroute2 import IPRoute
+FEW_PORTS = 8  # up to this many, the host ports are looked up by name; more, one dump
 
-    with IPRoute() as ipr:
+
+def _host_links(settings: Settings, names: list[str]) -> dict[str, netdev.Link]:
+    """The host ports `names` where OVS runs. A node holds a port per pod, so a
+    VMI's few are looked up by name (a dump would grow with the node)."""
+    if settings.ovs_netns:
+        opened = netdev.open_netns(netns.path_of(settings.ovs_netns))
+    else:
+        from pyroute2 import IPRoute
+
+        opened = IPRoute()
+    with opened as ipr:
+        if len(names) <= FEW_PORTS:
+            return netdev.links_named(ipr, names)
         return netdev.list_links(ipr)
 
 
@@ -74,7 +82,7 @@ def survey(ports: list[ovsdb.Port], settings: Settings,
     Pods are read shallow first (devices, addresses); NAT rules, sysctls and
     processes only for the pods whose answer depends on them.
     """
-    host = _host_links(settings)
+    host = _host_links(settings, [p.name for p in ports])
     pods: dict[str, podnet.PodNet | TcbError] = {}
     processes = None
     out: list[tuple[ovsdb.Port, NicPlan | TcbError]] = []
