@@ -253,11 +253,7 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, link_dir: str, want: Recor
         maps.set_config(config_entry(vm_mac, bridge_mac, host_mac, flags, want.tap_ifindex, want.nic_ifindex))
         failpoint("maps-filled")
 
-        def point_targets() -> None:  # devmap ifindexes resolve in the writer's namespace
-            maps.set_target(Direction.FROM_VM, want.nic_ifindex)
-            maps.set_target(Direction.TO_VM, want.tap_ifindex)
-
-        netns.run_in(ref.path, point_targets)
+        netns.run_in(ref.path, lambda: maps.set_tap(want.tap_ifindex))  # a devmap resolves in the writer's netns
         hooks = ((Direction.FROM_VM, want.tap_ifindex, progs.from_vm), (Direction.TO_VM, want.nic_ifindex, progs.to_vm))
         if want.hook == features.HOOK_TCX:
             for direction, ifindex, prog in hooks:
@@ -410,9 +406,7 @@ def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
             elif filter_names[direction] and ours_filter.name != filter_names[direction]:
                 problems.append(f"our filter on {name} runs another program instance")
     with AttachmentMaps(pin_dir, readonly=True) as maps:
-        if maps.target(Direction.FROM_VM) != record.nic_ifindex:
-            problems.append("no fast-path target towards the NIC")
-        if maps.target(Direction.TO_VM) != record.tap_ifindex:
+        if maps.tap() != record.tap_ifindex:
             problems.append("no fast-path target towards the tap")
     return problems
 

@@ -43,7 +43,7 @@ from typing import Iterator
 
 from . import bpfsys
 from .errors import BpfError
-from .maps import CONFIG, EGRESS, PROG_FROM_VM, PROG_TO_VM, STATS, TEST_OUT
+from .maps import CONFIG, PROG_FROM_VM, PROG_TO_VM, STATS, TAP, TEST_OUT
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Build:
         return flags
 
     def map_names(self) -> tuple[str, ...]:
-        return (CONFIG, EGRESS, STATS) + ((TEST_OUT,) if self.test else ())
+        return (CONFIG, TAP, STATS) + ((TEST_OUT,) if self.test else ())
 
 
 def source_path() -> Path:

@@ -10,7 +10,7 @@ on any kernel. An instance costs two verifier runs and four small maps
 
 A pinned instance directory holds:
   tcb_from_vm, tcb_to_vm                the two programs
-  tcb_config, tcb_egress, tcb_stats     their maps (see maps.py)
+  tcb_config, tcb_tap, tcb_stats        their maps (see maps.py)
   tcb_meta                              the attachment record, made here
   link_from_vm, link_to_vm              tcx links, when attached with tcx (tcx.py)
 """

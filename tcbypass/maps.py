@@ -3,7 +3,7 @@ bpf/redirect.c (declared there once, mirrored here once) and typed access to
 one attachment's pinned maps.
 
 tcb_config  0               -> struct tcb_config: MACs, flags, the two ifindexes
-tcb_egress  enum tcb_dir    -> egress ifindex    (the ifindex map, a devmap)
+tcb_tap     0               -> the tap's ifindex (a devmap: emptied by the kernel when the tap goes)
 tcb_stats   0               -> struct tcb_counters, per CPU
 tcb_meta    0               -> the attachment record (JSON), made here, not in C
 """
@@ -54,7 +54,7 @@ TC_ACT_REDIRECT = 7
 PACKET_HOST, PACKET_OTHERHOST = 0, 3
 
 # Pin and map names (bpffs names may not contain a dot).
-CONFIG, EGRESS, STATS, META = "tcb_config", "tcb_egress", "tcb_stats", "tcb_meta"
+CONFIG, TAP, STATS, META = "tcb_config", "tcb_tap", "tcb_stats", "tcb_meta"
 TEST_OUT = "tcb_test_out"  # TCB_TEST builds only
 PROG_FROM_VM, PROG_TO_VM = "tcb_from_vm", "tcb_to_vm"
 META_SIZE = 4096
@@ -149,7 +149,7 @@ def expected_layout() -> dict[str, tuple[int, int, int]]:
     """(type, key size, value size) of each map of this build, from the structs above."""
     return {
         CONFIG: (BPF_MAP_TYPE_ARRAY, 4, ctypes.sizeof(ConfigEntry)),
-        EGRESS: (BPF_MAP_TYPE_DEVMAP, 4, 4),
+        TAP: (BPF_MAP_TYPE_DEVMAP, 4, 4),
         STATS: (BPF_MAP_TYPE_PERCPU_ARRAY, 4, ctypes.sizeof(CountersEntry)),
         META: (BPF_MAP_TYPE_ARRAY, 4, META_SIZE),
     }
@@ -210,20 +210,21 @@ class AttachmentMaps:
         bpfsys.map_lookup(self._fds[CONFIG], ctypes.c_uint32(0), entry)
         return entry
 
-    # --- tcb_egress (a devmap) -------------------------------------------
-    def set_target(self, direction: Direction, ifindex: int) -> None:
-        """Point `direction` at `ifindex`. The kernel resolves the ifindex in
-        the calling thread's network namespace: call this from inside the pod
-        (netns.run_in)."""
+    # --- tcb_tap (a devmap) ---------------------------------------------
+    def set_tap(self, ifindex: int) -> None:
+        """Point the to-VM direction at the tap `ifindex`. The kernel resolves
+        the ifindex in the calling thread's network namespace: call this from
+        inside the pod (netns.run_in)."""
         try:
-            bpfsys.map_update(self._fds[EGRESS], ctypes.c_uint32(int(direction)), ctypes.c_uint32(ifindex))
+            bpfsys.map_update(self._fds[TAP], ctypes.c_uint32(0), ctypes.c_uint32(ifindex))
         except OSError as exc:
-            raise BpfError(f"cannot point {direction.name.lower()} at ifindex {ifindex} ({exc.strerror})",
-                           hint="the device vanished while attaching; attach again") from exc
+            raise BpfError(f"cannot point the fast path at the tap (ifindex {ifindex}) ({exc.strerror})",
+                           hint="the tap vanished while attaching; attach again") from exc
 
-    def target(self, direction: Direction) -> int | None:
+    def tap(self) -> int | None:
+        """The tap's ifindex, or None once the kernel emptied the slot (the tap went)."""
         value = ctypes.c_uint32()
-        return value.value if bpfsys.map_lookup(self._fds[EGRESS], ctypes.c_uint32(int(direction)), value) else None
+        return value.value if bpfsys.map_lookup(self._fds[TAP], ctypes.c_uint32(0), value) else None
 
     # --- tcb_stats -------------------------------------------------------
     def counters(self) -> Counters:

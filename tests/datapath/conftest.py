@@ -10,7 +10,7 @@ the packet type set), and how every counter moved.
 Why a network namespace: the ifindex in the test context and the ifindex a
 devmap entry holds are both resolved in the network namespace of the calling
 thread. So the devices are real veths in a namespace of our own, and both the
-devmap writes (set_target) and every test run happen on a thread inside it
+devmap write (set_tap) and every test run happen on a thread inside it
 (netns.run_in). Pins stay in the host's bpffs view.
 
 Objects made here carry a random tag (netns `tcbdp-<tag>`, pins
@@ -72,6 +72,10 @@ class Pod:
     def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` on a thread inside the namespace."""
         return netns.run_in(self.path, fn)
+
+    def delete_tap(self) -> None:
+        """Unregister the tap (and its peer), as when a VM restarts."""
+        sh("ip", "link", "delete", TAP, netns=self.name)
 
     def delete_nic(self) -> None:
         """Unregister the NIC (and its peer), as when a pod's interface vanishes."""
@@ -251,11 +255,7 @@ class Datapath:
         vm, bridge, host = (parse_mac(m) for m in (self.addr.vm_mac, self.addr.bridge_mac, self.addr.host_mac))
         self.maps.set_config(config_entry(vm, bridge, host, flags, self.pod.tap, self.pod.nic))
 
-        def targets() -> None:
-            self.maps.set_target(Direction.FROM_VM, self.pod.nic)
-            self.maps.set_target(Direction.TO_VM, self.pod.tap)
-
-        self.pod.run(targets)
+        self.pod.run(lambda: self.maps.set_tap(self.pod.tap))
 
     def program(self, direction: Direction) -> int:
         programs = self.instance.programs

@@ -18,7 +18,8 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Dot1Q
 from scapy.packet import Raw
 
-from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, PACKET_HOST, PACKET_OTHERHOST, Direction, Reason, config_entry
+from tcbypass.maps import (F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, PACKET_HOST, PACKET_OTHERHOST, Reason, config_entry,
+                           parse_mac)
 
 from .pktgen import (
     ADDR,
@@ -246,19 +247,29 @@ def test_nic_program_run_on_the_tap_passes_as_unknown_dev(dp):
     dp.to_vm(tcp_to_vm(), ifindex=dp.pod.tap).expect_pass(Reason.UNKNOWN_DEV)
 
 
-def test_from_vm_frame_passes_as_no_target_once_the_nic_is_deleted(private_dp):
-    """Deleting the NIC makes the kernel empty its devmap slot (already done
-    when `ip link delete` returns); the tap's traffic then falls back to the
-    bridge instead of redirecting into nothing. Own namespace and instance."""
+def test_to_vm_frame_passes_as_no_target_once_the_tap_is_deleted(private_dp):
+    """Deleting the tap makes the kernel empty its devmap slot (already done
+    when `ip link delete` returns); frames for the VM then fall back to the
+    bridge instead of being redirected into nothing. Own namespace and instance."""
     dp = private_dp
-    frame = tcp_from_vm()
-    dp.from_vm(frame).expect_redirect(to=dp.pod.nic)
+    frame = tcp_to_vm()
+    dp.to_vm(frame).expect_redirect(to=dp.pod.tap)
 
-    dp.pod.delete_nic()
-    assert dp.maps.target(Direction.FROM_VM) is None
-    assert dp.maps.target(Direction.TO_VM) == dp.pod.tap  # only the vanished device's slot
+    dp.pod.delete_tap()
+    assert dp.maps.tap() is None
+    dp.to_vm(frame).expect_pass(Reason.NO_TARGET)
 
-    dp.from_vm(frame).expect_pass(Reason.NO_TARGET)
+
+def test_from_vm_needs_no_slot_the_nic_is_the_configured_target(private_dp):
+    """From the VM the target is the pod NIC from the config: it goes only with
+    the whole pod (and the bridge could then carry nothing either), so no
+    devmap lookup is paid for it. Even an empty tap slot does not matter."""
+    dp = private_dp
+    dp.pod.delete_tap()
+    dp.from_vm(tcp_from_vm(), ifindex=dp.pod.nic).expect_pass(Reason.UNKNOWN_DEV)  # not the tap's program's device
+    dp.maps.set_config(config_entry(parse_mac(ADDR.vm_mac), parse_mac(ADDR.bridge_mac), parse_mac(ADDR.host_mac),
+                                    F_DHCP_TO_BRIDGE, dp.pod.stray, dp.pod.nic))
+    dp.from_vm(tcp_from_vm(), ifindex=dp.pod.stray).expect_redirect(to=dp.pod.nic)
 
 
 # --- from the VM by bpf_redirect_peer() -------------------------------------------------

@@ -33,7 +33,7 @@ import pytest
 
 from tcbypass import attachments, bpfsys, loader, maps
 from tcbypass import netns as netns_mod
-from tcbypass.maps import AttachmentMaps, Direction
+from tcbypass.maps import AttachmentMaps
 from tcbypass.model import AttachSpec, Record
 from tcbypass.lab.sandbox import VmNic, sh, wait_for_ping
 
@@ -212,7 +212,7 @@ class Observed:
     record: Record | None
     progs: tuple | None  # pinned (from_vm, to_vm) program ids
     devices: tuple | None  # tcb_config (tap_ifindex, nic_ifindex)
-    targets: tuple | None  # tcb_egress (from_vm, to_vm)
+    tap_slot: int | None  # tcb_tap
     tap_hooks: tuple  # program ids of ours hooked on the tap (tcx or clsact)
     nic_hooks: tuple
     tap_ifindex: int | None
@@ -221,7 +221,7 @@ class Observed:
 
 def observe(name: str, nic: VmNic) -> Observed:
     pin_dir = attachments.pin_dir_of(name)
-    record = progs = configured = targets = None
+    record = progs = configured = tap_slot = None
     present = os.path.isdir(pin_dir)
     if present:
         record = attachments.read_record(pin_dir)
@@ -230,11 +230,11 @@ def observe(name: str, nic: VmNic) -> Observed:
         with AttachmentMaps(pin_dir) as m:
             config = m.config()
             configured = (config.tap_ifindex, config.nic_ifindex)
-            targets = (m.target(Direction.FROM_VM), m.target(Direction.TO_VM))
+            tap_slot = m.tap()
     devices = links(nic.pod_ns)
     return Observed(
         pin_dir=present, staging=os.path.isdir(pin_dir + attachments.STAGING), record=record, progs=progs,
-        devices=configured, targets=targets,
+        devices=configured, tap_slot=tap_slot,
         tap_hooks=our_hooks(nic.pod_ns, nic.tap) if nic.tap in devices else (),
         nic_hooks=our_hooks(nic.pod_ns, nic.nic) if nic.nic in devices else (),
         tap_ifindex=devices.get(nic.tap), nic_ifindex=devices.get(nic.nic))
@@ -256,7 +256,7 @@ def assert_one_attachment_or_none(name: str, nic: VmNic) -> str:
     by_tcx = tuple(our_tcx_prog_ids(nic.pod_ns, nic.tap)) == o.tap_hooks
     assert by_tcx == (o.record.hook == "tcx"), f"{name}: recorded hook {o.record.hook}, runs {o}"
     assert o.devices == (o.tap_ifindex, o.nic_ifindex), o
-    assert o.targets == (o.nic_ifindex, o.tap_ifindex), o
+    assert o.tap_slot == o.tap_ifindex, o
     status = attachments.status_of(name)
     assert status is not None and status.state == "active", status
     return "active"

@@ -270,7 +270,7 @@ def test_foreign_pins_with_our_map_names_but_larger_values_are_refused_not_read(
     4 KiB buffer would overflow the heap (it did: status aborted, B1). Each map's
     type and sizes are checked before use; the pins count as foreign."""
     sb, nic = pod
-    junk = pin_junk(f"big-{sb.tag}", {"tcb_ports": 64, "tcb_egress": 4, "tcb_stats": 8, "tcb_meta": 1 << 16})
+    junk = pin_junk(f"big-{sb.tag}", {"tcb_ports": 64, "tcb_tap": 4, "tcb_stats": 8, "tcb_meta": 1 << 16})
     try:
         proc = run_cli("status", "--json")  # a child process: were it to abort, only it would
         gc = run_cli("gc")

@@ -35,7 +35,7 @@ def test_every_map_of_an_instance_has_a_fixed_small_size(capsys):
                 finally:
                     os.close(fd)
                 sizes[name] = (info.max_entries, info.value_size)
-    assert sizes == {"tcb_config": (1, 28), "tcb_egress": (2, 4), "tcb_stats": (1, 96), "tcb_meta": (1, META_SIZE)}
+    assert sizes == {"tcb_config": (1, 28), "tcb_tap": (1, 4), "tcb_stats": (1, 96), "tcb_meta": (1, META_SIZE)}
     report(capsys, f"an instance's maps (entries, value bytes): {sizes}")
 
 

@@ -274,8 +274,7 @@ def older_tcbypass_attachment(spec: AttachSpec) -> str:
     with AttachmentMaps(legacy) as maps, loader.open_programs(legacy) as progs:
         maps.set_config(config_entry(parse_mac(record.mac), parse_mac(record.bridge_mac), bytes(6),
                                      F_DHCP_TO_BRIDGE, record.tap_ifindex, record.nic_ifindex))
-        netns.run_in(spec.netns, lambda: (maps.set_target(Direction.FROM_VM, record.nic_ifindex),
-                                          maps.set_target(Direction.TO_VM, record.tap_ifindex)))
+        netns.run_in(spec.netns, lambda: maps.set_tap(record.tap_ifindex))
         maps.write_record(dataclasses.asdict(dataclasses.replace(record, hook="clsact", digest="v1")))
         with netdev.open_netns(spec.netns) as ipr:
             for ifindex, fd, direction in ((record.tap_ifindex, progs.from_vm, "from_vm"),
@@ -341,8 +340,7 @@ def test_in_place_swaps_and_links_lose_nothing_and_qdisc_grafts_are_the_only_ris
     try:
         with AttachmentMaps(attachments.pin_dir_of(spec.name)) as mine, AttachmentMaps(other) as maps:
             maps.set_config(mine.config())
-            netns.run_in(spec.netns, lambda: (maps.set_target(Direction.FROM_VM, record.nic_ifindex),
-                                              maps.set_target(Direction.TO_VM, record.tap_ifindex)))
+            netns.run_in(spec.netns, lambda: maps.set_tap(record.tap_ifindex))
         for flow in flows:
             flow.start_receiver()
         begin = time.monotonic()

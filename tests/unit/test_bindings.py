@@ -9,7 +9,6 @@ import pytest
 
 from tcbypass import bindings as b
 from tcbypass.bindings import needs_deep, recognise
-from tcbypass.netdev import Link
 from tcbypass.podnet import Process
 from tests.unit.snapshots import load, shallow
 

@@ -45,7 +45,7 @@ def test_other_pseudo_loads_are_refused():
 
 
 def sample_object(key: str | None = None) -> build.Object:
-    maps = (build.MapSpec("tcb_config", 2, 4, 28, 1), build.MapSpec("tcb_egress", 14, 4, 4, 2))
+    maps = (build.MapSpec("tcb_config", 2, 4, 28, 1), build.MapSpec("tcb_tap", 14, 4, 4, 1))
     programs = tuple(build.ProgramSpec(name, ld_map(0) + insn(0x95), ((0, "tcb_config"),))
                      for name in build.PROGRAMS)
     return build.Object(key or build.key(build.Build()), (), "0.26.0", "GPL", maps, programs)
