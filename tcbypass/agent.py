@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import attachments, build, features, netns, nodeview, ovsdb
+from . import attachments, build, features, health, netns, nodeview, ovsdb
 from .errors import NetnsError, NotBypassableError, OvsdbError, TcbError, UnknownVmiError
 from .vmi import Settings, attach_vmi, detach_vmi
 
@@ -157,7 +157,7 @@ class Agent:
     def managed(self) -> list[str]:
         """Names of the attachments this agent (any agent) manages."""
         out = []
-        for name in attachments.names():
+        for name in health.names():
             record = attachments.read_record(attachments.pin_dir_of(name))
             if record is not None and record.managed_by == "agent":
                 out.append(name)

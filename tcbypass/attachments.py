@@ -1,10 +1,11 @@
-"""Attach, detach and inspect one tap/NIC pair: the core of tcbypass.
+"""Attach, detach and check one tap/NIC pair: the core of tcbypass.
 
 An attachment is the unit everything else is built from (`attach <vmi>`
 makes one per bridge-bound NIC). Its whole state lives in one bpffs
-directory, PIN_ROOT/<id>/: the two programs, the maps, and the record
-(tcb_meta). Removing that directory and our two filters restores the bridge
-path exactly; nothing else is ever changed.
+directory, PIN_ROOT/<id>/: the two programs, the maps, the record
+(tcb_meta) and the tcx links. Removing that directory and our hooks
+restores the bridge path exactly; nothing else is ever changed. How all
+attachments of the node are doing, and gc, are in health.py.
 
 Every operation takes the attachment's lock, so concurrent callers see one
 consistent attachment or none. A failed attach tears down what it built, so
@@ -20,14 +21,15 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
-from . import build, features, loader, netdev, netns, tc, tcx
+from . import bpfsys, build, features, loader, netdev, netns, tc, tcx
 from .errors import BpfError, BusyError, DeviceError, InputError, TcbError
-from .maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, META, AttachmentMaps, Counters, Direction, config_entry, parse_mac
-from .model import (STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, AttachResult, AttachSpec, Record, Status,
-                    name_of_pin, pin_id)
+from .maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, META, TAP, AttachmentMaps, Direction, config_entry, parse_mac
+from .model import AttachResult, AttachSpec, Record, pin_id
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,11 @@ def _open_lock(name: str) -> int:
 def locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     """Serialise all work on one attachment across processes.
 
-    `detach` unlinks the lock file while holding it (so locks do not pile up
-    for every VM ever run); a waiter that then wins the lock on the unlinked
-    file notices the path names another inode now and starts over."""
+    Whoever holds the lock last for a name that has nothing pinned any more
+    (after a detach, a failed attach, a gc that found nothing) unlinks the
+    lock file while still holding it, so locks do not pile up for every VM
+    ever run; a waiter that then wins the lock on the unlinked file notices
+    the path names another inode now and starts over."""
     deadline = time.monotonic() + timeout
     while True:
         fd = _open_lock(name)
@@ -90,7 +94,13 @@ def locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
                 current = None
             if current != os.fstat(fd).st_ino:
                 continue  # the holder removed the file: lock the new one
-            yield
+            try:
+                yield
+            finally:
+                if not any(os.path.exists(d) for d in (pin_dir_of(name), pin_dir_of(name) + STAGING,
+                                                      legacy_dir(name))):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(_lock_path(name))  # still held: see above
             return
         finally:
             os.close(fd)
@@ -200,7 +210,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
                 from_vm=mode, host_mac=host.mac if host else "", hook=hook,
                 attached_at=old.attached_at if old else time.time(),
             )
-            if old and old.complete and old.same_wiring(want) and not _problems(ipr, old, pin_dir):
+            if old and old.complete and old.same_wiring(want) and not problems(old, pin_dir, ipr):
                 return AttachResult(old, "unchanged", time.monotonic() - started)
 
             fresh = old is None or old.digest != want.digest
@@ -310,12 +320,12 @@ def detach(name: str, remove_qdisc: bool = False) -> Record | None:
     or removing a qdisc can drop frames in flight (see tc.py)."""
     loader.bpffs_ready()
     with locked(name):
-        return _detach_locked(name, remove_qdisc)
+        return detach_locked(name, remove_qdisc)
 
 
-def _detach_locked(name: str, remove_qdisc: bool) -> Record | None:
+def detach_locked(name: str, remove_qdisc: bool) -> Record | None:
     pin_dir = pin_dir_of(name)
-    legacy = _legacy_dir(name)
+    legacy = legacy_dir(name)
     records = [(d, read_record(d)) for d in (pin_dir, pin_dir + STAGING, legacy)]
     found = next((r for _, r in records if r is not None), None)
     for directory, record in records:
@@ -331,8 +341,6 @@ def _detach_locked(name: str, remove_qdisc: bool) -> Record | None:
     existed = found is not None or any(os.path.isdir(d) for d, _ in records)
     for directory, _ in records:
         loader.remove_pins(directory)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(_lock_path(name))  # still held: see locked()
     if existed:
         log.info("%s: detached", name)
     return found
@@ -340,7 +348,7 @@ def _detach_locked(name: str, remove_qdisc: bool) -> Record | None:
 
 # --- pins of older tcbypass versions -------------------------------------------
 
-def _legacy_dir(name: str) -> str:
+def legacy_dir(name: str) -> str:
     return f"{loader.LEGACY_ROOTS[0]}/{pin_id(name)}"
 
 
@@ -348,31 +356,51 @@ def _forget_legacy(ipr, name: str) -> None:
     """After an attach replaced what an older tcbypass attached (its clsact
     filters carry the same priority, handle and name prefix as ours, so they
     were swapped or taken off on the way), drop its pins."""
-    legacy = _legacy_dir(name)
+    legacy = legacy_dir(name)
     if os.path.isdir(legacy):
         loader.remove_pins(legacy)
         log.info("%s: upgraded from an older tcbypass (pins in %s removed)", name, legacy)
 
 
-# --- status -------------------------------------------------------------
+# --- what differs from the kernel ---------------------------------------
 
-def names() -> list[str]:
-    """Names of all attachments pinned on this node (by this version or an older one)."""
-    found = set()
-    for root in (loader.PIN_ROOT, *loader.LEGACY_ROOTS):
-        try:
-            found.update(name_of_pin(e) for e in os.listdir(root) if "@" not in e)  # not staging dirs
-        except FileNotFoundError:
-            continue
-    return sorted(found)
+@dataclass(frozen=True)
+class _Devices:
+    """What the pod's namespace says about an attachment's two devices."""
+
+    index: dict  # device name -> its ifindex now (None: no such device)
+    tcx: dict  # ifindex -> ids of the programs on its tcx ingress
 
 
-def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
-    """What differs between the record and the kernel; empty when all agrees."""
+def _look(record: Record) -> _Devices:
+    """Read the devices from inside the pod's namespace, in one thread: an
+    ioctl per name and a BPF_PROG_QUERY per device, no netlink dump (status
+    does this for every attachment of the node)."""
+    def body() -> _Devices:
+        index, programs = {}, {}
+        for name in (record.tap, record.nic):
+            try:
+                index[name] = socket.if_nametoindex(name)
+            except OSError:
+                index[name] = None
+        if record.hook == features.HOOK_TCX:
+            for ifindex in filter(None, index.values()):
+                try:
+                    programs[ifindex] = bpfsys.tcx_programs(ifindex)
+                except OSError:
+                    programs[ifindex] = []
+        return _Devices(index, programs)
+    return netns.run_in(record.netns, body)
+
+
+def problems(record: Record, pin_dir: str, ipr=None) -> list[str]:
+    """What differs between the record and the kernel; empty when all agrees.
+    `ipr`: an rtnetlink socket in the pod, if the caller has one (clsact
+    attachments need it to read filters; one is opened otherwise)."""
     problems = []
     if not record.complete:
         problems.append("attach did not finish")
-    links = netdev.list_links(ipr)
+    devices = _look(record)
     try:
         with loader.open_programs(pin_dir) as progs:
             prog_ids = progs.ids()
@@ -380,131 +408,33 @@ def _problems(ipr, record: Record, pin_dir: str) -> list[str]:
     except (BpfError, OSError):
         prog_ids, filter_names = (0, 0), ("", "")
         problems.append("the pinned programs cannot be opened")
-    devices = (("tap", record.tap, record.tap_ifindex, Direction.FROM_VM),
-               ("nic", record.nic, record.nic_ifindex, Direction.TO_VM))
-    for role, name, ifindex, direction in devices:
-        link = links.get(name)
-        if link is None:
+    roles = (("tap", record.tap, record.tap_ifindex, Direction.FROM_VM),
+             ("nic", record.nic, record.nic_ifindex, Direction.TO_VM))
+    for role, name, ifindex, direction in roles:
+        now = devices.index.get(name)
+        if now is None:
             problems.append(f"{role} {name} is gone")
-        elif link.index != ifindex:
-            problems.append(f"{role} {name} is now ifindex {link.index} (was {ifindex})")
+        elif now != ifindex:
+            problems.append(f"{role} {name} is now ifindex {now} (was {ifindex})")
         if record.hook == features.HOOK_TCX:
             # Read from the device's side (BPF_PROG_QUERY), not by opening the
             # link pin: a link opens read-write only, and status must work on
             # a read-only bpffs too.
-            pinned = os.path.exists(tcx.pin_of(pin_dir, direction))
-            if not pinned:
+            if not os.path.exists(tcx.pin_of(pin_dir, direction)):
                 problems.append(f"our tcx link on {name} is missing")
-            elif link is None or link.index != ifindex:
+            elif now != ifindex:
                 problems.append(f"our tcx link on {name} is defunct (its device was deleted)")
-            elif prog_ids[direction] not in tcx.programs_on(record.netns, ifindex):
+            elif prog_ids[direction] not in devices.tcx.get(ifindex, []):
                 problems.append(f"our program is not on {name}'s tcx hook")
-        elif link is not None and link.index == ifindex:
-            ours_filter = tc.our_filter(ipr, ifindex)
+        elif now == ifindex:
+            with contextlib.ExitStack() as stack:
+                sock = ipr or stack.enter_context(netdev.open_netns(record.netns))
+                ours_filter = tc.our_filter(sock, ifindex)
             if ours_filter is None:
                 problems.append(f"our filter is missing on {name}")
             elif filter_names[direction] and ours_filter.name != filter_names[direction]:
                 problems.append(f"our filter on {name} runs another program instance")
-    with AttachmentMaps(pin_dir, readonly=True) as maps:
+    with AttachmentMaps(pin_dir, readonly=True, only=(TAP,)) as maps:
         if maps.tap() != record.tap_ifindex:
             problems.append("no fast-path target towards the tap")
     return problems
-
-
-def status_of(name: str) -> Status | None:
-    pin_dir = pin_dir_of(name)
-    record = read_record(pin_dir)
-    if record is None and not os.path.isdir(pin_dir):
-        legacy = read_record(_legacy_dir(name))
-        if legacy is not None:
-            state = STATE_STALE if netns.identity_of(legacy.netns) == legacy.netns_id else STATE_ORPHANED
-            return Status(legacy, state, ("attached by an older tcbypass (pins in "
-                                          f"{loader.LEGACY_ROOTS[0]}); attach it again to upgrade in place",))
-        if not os.path.isdir(_legacy_dir(name)):
-            return None
-    if record is None:
-        # Pins without a readable record: an interrupted attach, or another build's layout.
-        placeholder = Record(name=name, netns="?", netns_id="", tap="?", tap_ifindex=0, nic="?", nic_ifindex=0,
-                             bridge="", bridge_mac="", mac="?", dhcp_to_bridge=True, digest="", hook="?")
-        return Status(placeholder, STATE_ORPHANED, ("unreadable pins (an interrupted attach or a foreign "
-                                                    "version); 'tcbypass gc' removes them",))
-    try:
-        with AttachmentMaps(pin_dir, readonly=True) as maps:
-            counters = maps.counters()
-    except BpfError:
-        counters = Counters.zero()
-    if netns.identity_of(record.netns) != record.netns_id:
-        if netns.forbidden(record.netns):  # not gone: gc must leave it alone
-            return Status(record, STATE_STALE, (f"cannot read {record.netns} (permission denied); tcbypass needs "
-                                                "CAP_SYS_PTRACE and the node's PID namespace for pods named by "
-                                                "/proc/PID/ns/net",), counters)
-        return Status(record, STATE_ORPHANED, ("the pod's network namespace is gone",), counters)
-    try:
-        with netdev.open_netns(record.netns) as ipr:
-            problems = _problems(ipr, record, pin_dir)
-    except TcbError as exc:
-        return Status(record, STATE_ORPHANED, (exc.message,), counters)
-    return Status(record, STATE_STALE if problems else STATE_ACTIVE, tuple(problems), counters)
-
-
-def statuses() -> list[Status]:
-    if loader.bpffs_missing():
-        raise BpfError(f"bpffs is not mounted on {loader.BPFFS}: no attachment can be read (programs may still "
-                       "run on devices whose pins vanished with the mount)",
-                       hint=f"mount it again: mount -t bpf bpf {loader.BPFFS}")
-    return [s for s in map(status_of, names()) if s is not None]
-
-
-# --- garbage collection ---------------------------------------------------
-
-def _leftover(status: Status) -> bool:
-    """Orphaned, or an attach that never completed. (Attach holds the lock from
-    before it writes the record until it completes it, so under the lock an
-    incomplete record means that attach died.)"""
-    return status.state == STATE_ORPHANED or not status.record.complete
-
-def _defunct_links(name: str) -> list[Direction]:
-    pin_dir = pin_dir_of(name)
-    defunct = []
-    for direction in Direction:
-        with contextlib.suppress(OSError):
-            if (link := tcx.read(pin_dir, direction)) is not None and link.defunct:
-                defunct.append(direction)
-    return defunct
-
-
-def gc() -> list[str]:
-    """Remove what no live attachment needs: attachments whose pod is gone,
-    unreadable pins, staging directories left by a killed process, tcx links
-    whose device was deleted (the tap of a VM that restarted; attach or the
-    agent hooks the new one). Live attachments, even stale ones, stay."""
-    loader.bpffs_ready()
-    removed = []
-    entries = []
-    for root in (loader.PIN_ROOT, *loader.LEGACY_ROOTS):
-        with contextlib.suppress(FileNotFoundError):
-            entries += [(root, e) for e in sorted(os.listdir(root))]
-    for root, entry in entries:
-        name = name_of_pin(entry.removesuffix(STAGING))
-        try:
-            if entry.endswith(STAGING):
-                with locked(name, timeout=0.5):  # held while an attach is under way
-                    loader.remove_pins(f"{root}/{entry}")
-                removed.append(entry)
-            elif (status := status_of(name)) is not None and _leftover(status):
-                with locked(name, timeout=0.5):
-                    # Judge again under the lock: an attach may have finished meanwhile.
-                    status = status_of(name)
-                    if status is not None and _leftover(status):
-                        _detach_locked(name, remove_qdisc=False)
-                        removed.append(name)
-            elif root == loader.PIN_ROOT and _defunct_links(name):
-                with locked(name, timeout=0.5):
-                    for direction in _defunct_links(name):
-                        tcx.remove(pin_dir_of(name), direction)
-                        removed.append(f"{name}: defunct tcx link ({direction.name.lower()})")
-        except BusyError:
-            continue  # someone is working on it right now
-    if tc.forget_dead_owners(netns.live_identities()):
-        removed.append("clsact ownership markers of deleted pods")
-    return removed

@@ -44,9 +44,9 @@ class NodeBackend:
         return vmi.detach_target(target, namespace, remove_qdisc)
 
     def gc(self) -> list[str]:
-        from . import attachments
+        from . import health
 
-        return attachments.gc()
+        return health.gc()
 
     def statuses(self, namespace: str | None, name: str | None) -> list[Status]:
         from . import vmi

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from . import attachments, bindings, nodeview
+from . import bindings, health, nodeview
 from .errors import TcbError
 from .model import STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, Status
 
@@ -85,7 +85,7 @@ def vm_ports_gauge(port_rows: list[nodeview.PortRow]) -> GaugeMetricFamily:
 
 
 class AttachmentCollector(Collector):
-    def __init__(self, statuses: Callable[[], list[Status]] = attachments.statuses, agent=None,
+    def __init__(self, statuses: Callable[[], list[Status]] = health.statuses, agent=None,
                  ports: Callable[[], list[nodeview.PortRow] | None] | None = None):
         self._statuses = statuses
         self._agent = agent
@@ -133,7 +133,7 @@ class AttachmentCollector(Collector):
                 yield c
 
 
-def registry(agent=None, statuses: Callable[[], list[Status]] = attachments.statuses,
+def registry(agent=None, statuses: Callable[[], list[Status]] = health.statuses,
              ports: Callable[[], list[nodeview.PortRow] | None] | None = None,
              ports_refresh: float = PORTS_REFRESH) -> CollectorRegistry:
     """`ports` defaults to the agent's node-wide view, surveyed in the background, when an agent is given."""

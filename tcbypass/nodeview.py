@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from . import attachments, bindings, ovsdb
+from . import bindings, health, ovsdb
 from .vmi import Settings, survey
 from .discovery import NicPlan
 from .errors import TcbError
@@ -112,4 +112,4 @@ def node_ports(settings: Settings, namespace: str | None = None,
         ports = ovsdb.kubeovn_ports(settings.url, settings.ovsdb_timeout, **ids)
     mine = [p for p in ports if p.pod_name and (namespace is None or p.pod_namespace == namespace)]
     found = survey(sorted(mine, key=lambda p: (p.pod_namespace, p.pod_name, p.iface_id)), settings)
-    return rows(found, attachments.statuses(), namespace)
+    return rows(found, health.statuses(), namespace)

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from . import attachments, bindings, netdev, netns, ovsdb, podnet
+from . import attachments, health, bindings, netdev, netns, ovsdb, podnet
 from .discovery import NicPlan, plan_nic
 from .errors import NetnsError, NotBypassableError, TcbError, UnknownVmiError
 from .model import AttachResult, Record, Status, check_name
@@ -172,7 +172,7 @@ def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: boo
 def attachment_names(vmi: str, namespace: str) -> list[str]:
     """Attachments recorded for the VMI's NICs."""
     names = []
-    for name in attachments.names():
+    for name in health.names():
         record = attachments.read_record(attachments.pin_dir_of(name))
         if record is not None and record.vmi == vmi and record.namespace == namespace:
             names.append(name)
@@ -196,5 +196,5 @@ def detach_target(target: str, namespace: str, remove_qdisc: bool = False) -> li
 
 
 def statuses(namespace: str | None = None, vmi: str | None = None) -> list[Status]:
-    return [s for s in attachments.statuses()
+    return [s for s in health.statuses()
             if (namespace is None or s.record.namespace == namespace) and (vmi is None or s.record.vmi == vmi)]

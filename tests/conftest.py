@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tcbypass import attachments, bpfsys, loader, netns
+from tcbypass import attachments, health, bpfsys, loader, netns
 from tcbypass.lab.sandbox import NETNS_DIR, Sandbox, sh
 
 
@@ -115,7 +115,7 @@ def detach_sandbox_attachments(sb: Sandbox) -> set[str]:
     """Detach every attachment whose pod namespace belongs to `sb` (and only those:
     other processes may be attaching on this machine at the same time)."""
     found = set()
-    for name in attachments.names():
+    for name in health.names():
         record = attachments.read_record(attachments.pin_dir_of(name))
         if record is not None and f"/tcb{sb.tag}-" in record.netns:
             found.add(name)

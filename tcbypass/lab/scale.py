@@ -50,7 +50,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from .. import attachments, bpfsys, build, loader, vmi
+from .. import attachments, health, bpfsys, build, loader, vmi
 from ..errors import TcbError
 from ..maps import META, PROG_FROM_VM, PROG_TO_VM
 from ..model import STATE_ACTIVE, pin_id
@@ -445,7 +445,7 @@ def phase_agent(node: Node, plan: ScalePlan, step: Progress) -> tuple[dict, list
         out["all_attached_s"] = round(max(done.values()), 2)
         out["first_attached_s"] = round(min(done.values()), 2)
         out["timeline_s"] = sorted(round(v, 3) for v in done.values())
-        states = [attachments.status_of(name) for name in node.names]
+        states = [health.status_of(name) for name in node.names]
         out["active"] = sum(1 for s in states if s is not None and s.state == STATE_ACTIVE)
         out["memory_at_all_attached"] = memory_of(agent.proc.pid)
         out["cpu_s_at_all_attached"] = cpu_seconds_of(agent.proc.pid)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tcbypass import attachments, loader
+from tcbypass import attachments, health, loader
 from tcbypass.lab.container import AgentPod, Podman
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def detach_ours(sb) -> set[str]:
     """Detach every attachment of this sandbox's pods, including those whose
     namespace is named by a process (/proc/PID/ns/net) rather than by the sandbox."""
     found = set()
-    for name in attachments.names():
+    for name in health.names():
         record = attachments.read_record(attachments.pin_dir_of(name))
         if record is not None and (f"/tcb{sb.tag}-" in record.netns or record.vmi.endswith(sb.tag)):
             found.add(name)

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from tcbypass import attachments, vmi
+from tcbypass import health, vmi
 from tcbypass.lab import wirings
 from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import pins
@@ -122,7 +122,7 @@ def test_deleted_pod_is_cleaned_up(node, agent, capsys):
     node.netns_names.remove(nic.pod_ns)
     took = agent.wait_for(lambda: not pins("vm3+prod"), "vm3 pins removed")
     report(capsys, f"deleted pod cleaned up after {took * 1000:.0f} ms")
-    assert attachments.status_of("vm3.prod") is None
+    assert health.status_of("vm3.prod") is None
 
 
 def test_ovsdb_restart_is_survived(node, agent):

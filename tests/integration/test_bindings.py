@@ -121,7 +121,7 @@ def test_bridge_with_two_taps_is_refused(ovs_node):
 
 @pytest.mark.parametrize("managed_tap", [False, True], ids=["bridge", "managedTap"])
 def test_bridge_and_managed_tap_are_attached(ovs_node, managed_tap):
-    pod = wirings.bridge_vm(ovs_node, "vmb", "10.16.0.28", NS, managed_tap=managed_tap)
+    wirings.bridge_vm(ovs_node, "vmb", "10.16.0.28", NS, managed_tap=managed_tap)
     proc = run_cli("attach", "vmb", "-n", NS, env=env_of(ovs_node))
     assert proc.returncode == 0 and "vmb.prod: attached (tap0 <-> eth0-nic" in proc.stdout, proc.stderr
     [row] = rows_of(ovs_node)

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import pytest
 
-from tcbypass import attachments, bpfsys, loader, maps
+from tcbypass import attachments, health, bpfsys, loader, maps
 from tcbypass import netns as netns_mod
 from tcbypass.maps import AttachmentMaps
 from tcbypass.model import AttachSpec, Record
@@ -257,7 +257,7 @@ def assert_one_attachment_or_none(name: str, nic: VmNic) -> str:
     assert by_tcx == (o.record.hook == "tcx"), f"{name}: recorded hook {o.record.hook}, runs {o}"
     assert o.devices == (o.tap_ifindex, o.nic_ifindex), o
     assert o.tap_slot == o.tap_ifindex, o
-    status = attachments.status_of(name)
+    status = health.status_of(name)
     assert status is not None and status.state == "active", status
     return "active"
 

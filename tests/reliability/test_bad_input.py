@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tcbypass import attachments, bpfsys, loader
+from tcbypass import attachments, health, bpfsys, loader
 from tcbypass.model import AttachSpec
 from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import run_cli, tc_state
@@ -332,7 +332,7 @@ def test_upgrade_killed_before_the_swap_keeps_the_old_instance_and_gc_clears_sta
     attachments.attach(spec)
     assert replace_killed_at(spec, "maps-filled") == -9
     assert pin_entries() == {spec.name, spec.name + attachments.STAGING}
-    assert attachments.status_of(spec.name).state == "active", "the old instance still carries the traffic"
+    assert health.status_of(spec.name).state == "active", "the old instance still carries the traffic"
     proc = run_cli("gc")
     assert proc.returncode == 0 and f"{spec.name}@staging" in proc.stdout
     assert assert_one_attachment_or_none(spec.name, nic) == "active"

@@ -18,7 +18,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from tcbypass import attachments, netns
+from tcbypass import attachments, health, netns
 from tcbypass.lab.sandbox import mac_of
 
 from .conftest import quiet_pod, report
@@ -79,7 +79,7 @@ def drain(sock: socket.socket, seconds: float = 0.5) -> list[tuple[int, int]]:
 
 
 def counters(spec):
-    return attachments.status_of(spec.name).counters
+    return health.status_of(spec.name).counters
 
 
 def delta(before, after) -> dict:

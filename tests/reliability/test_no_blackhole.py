@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tcbypass import attachments, tc
+from tcbypass import attachments, health, tc
+from tcbypass.errors import TcbError
 from tcbypass.maps import AttachmentMaps
 from tcbypass.lab.sandbox import ping, sh
 from tests.conftest import run_cli
@@ -49,7 +50,7 @@ def test_vm_restart_falls_back_to_the_bridge_at_once_and_is_stale_until_attach(p
         flow.start_receiver(idle=2.0)
         flow.start_sender()
         time.sleep(1.0)
-        before = attachments.status_of(spec.name).counters
+        before = health.status_of(spec.name).counters
         assert before.redirect_packets["to_vm"] > 0.5 * rate * 0.9, "the fast path carries the stream first"
         old_tap = links(nic.pod_ns)[nic.tap]
 
@@ -63,14 +64,14 @@ def test_vm_restart_falls_back_to_the_bridge_at_once_and_is_stale_until_attach(p
         sh("sysctl", "-qw", "net.ipv6.conf.decoy.disable_ipv6=1", netns=nic.pod_ns)
         sh("ip", "link", "set", "decoy", "up", netns=nic.pod_ns)
         sh("ip", "link", "set", "decoy-p", "up", netns=nic.pod_ns)
-        after_restart = attachments.status_of(spec.name)
+        after_restart = health.status_of(spec.name)
 
         proc = run_cli("status", "--json")
         [row] = [r for r in json.loads(proc.stdout) if r["name"] == spec.name]
         assert proc.returncode == 3 and row["state"] == "stale", row
         assert f"tap tap0 is now ifindex {new_tap} (was {old_tap})" in row["problems"], row["problems"]
         time.sleep(1.5)
-        still = attachments.status_of(spec.name)
+        still = health.status_of(spec.name)
         assert still.state == "stale", "stale until the next attach"
         decoy_tx = tx_packets(nic.pod_ns, "decoy")
 
@@ -79,7 +80,7 @@ def test_vm_restart_falls_back_to_the_bridge_at_once_and_is_stale_until_attach(p
         t_attached = time.monotonic()
         assert result.action == "refreshed"
         time.sleep(1.0)
-        final = attachments.status_of(spec.name)
+        final = health.status_of(spec.name)
         flow.finish()
         stream = flow.result()
     finally:
@@ -169,10 +170,13 @@ def test_deleted_pod_is_orphaned_quietly_and_cleanup_leaves_nothing(pod, cleanup
     assert clsact_markers(record.netns_id) == set()
 
 
-def test_detach_and_gc_leave_no_lock_file_behind(pod):
+def test_detach_gc_and_failed_attaches_leave_no_lock_file_behind(pod):
     """One lock file per attachment name used to stay in /run/tcbypass/locks for good (L1)."""
     sb, nic, spec = pod
     lock = f"{attachments.LOCK_DIR}/{spec.name}.lock"
+    with pytest.raises(TcbError):
+        attachments.attach(dataclasses.replace(spec, tap="no-such-tap"))
+    assert not os.path.exists(lock), f"{lock} is left behind by a failed attach"
     attachments.attach(spec)
     assert os.path.exists(lock)
     attachments.detach(spec.name)
@@ -191,12 +195,12 @@ def test_vanished_tap_is_never_a_redirect_target(pod):
     attachments.attach(spec)
     sb.block_bridge_unicast(nic)
     assert ping(nic.vm_ns, SERVER_IP, count=2, interval=0.05) == (2, 2), "the fast path carries the ping"
-    old = attachments.status_of(spec.name).counters
+    old = health.status_of(spec.name).counters
     sh("ip", "link", "del", nic.tap, netns=nic.pod_ns)
     with AttachmentMaps(attachments.pin_dir_of(spec.name)) as m:
         assert m.tap() is None, "the slot of the vanished tap is empty at once"
     # Frames for the VM keep arriving on the NIC: left to the bridge, never redirected.
     sh("ping", "-c", "3", "-i", "0.05", "-W", "0.2", VM_IP, netns=sb.node, check=False)
-    now = attachments.status_of(spec.name).counters
+    now = health.status_of(spec.name).counters
     assert now.redirect_packets["to_vm"] == old.redirect_packets["to_vm"]
     assert now.passed["no_target"] - old.passed["no_target"] == 3

@@ -28,7 +28,7 @@ import pytest
 import dataclasses
 import os
 
-from tcbypass import attachments, bpfsys, build, loader, netdev, netns, tc, tcx
+from tcbypass import attachments, health, bpfsys, build, loader, netdev, netns, tc, tcx
 from tcbypass.maps import F_DHCP_TO_BRIDGE, AttachmentMaps, Direction, config_entry, parse_mac
 from tcbypass.model import AttachSpec, pin_id
 from tcbypass.lab.sandbox import sh, wait_for_ping
@@ -290,7 +290,7 @@ def test_upgrade_of_an_older_tcbypass_attachment_loses_nothing(bare_node, grafts
     legacy = older_tcbypass_attachment(spec)
     with AttachmentMaps(legacy) as maps:
         before = maps.counters().redirect_packets
-    [row] = [s for s in attachments.statuses() if s.record.name == spec.name]
+    [row] = [s for s in health.statuses() if s.record.name == spec.name]
     assert row.state == "stale" and "attached by an older tcbypass" in row.problems[0]
     grafts.clear()
     run = Run(sb, nic, server, 17031)

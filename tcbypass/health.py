@@ -1,0 +1,141 @@
+"""How every attachment on the node is doing, and clearing what is left over.
+
+status reads each attachment's record from its pins and compares it with
+the kernel (attachments.problems): active, stale (a device or a hook is
+not as recorded: attach again) or orphaned (the pod is gone). gc removes
+what no live attachment needs. Neither needs a compiler; status works on a
+read-only bpffs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from . import loader, netns, tc, tcx
+from .attachments import (LOCK_DIR, STAGING, detach_locked, legacy_dir, locked, pin_dir_of, problems,
+                          read_record)
+from .errors import BpfError, BusyError, InputError, TcbError
+from .maps import AttachmentMaps, Counters, Direction
+from .model import STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, Record, Status, name_of_pin
+
+
+def names() -> list[str]:
+    """Names of all attachments pinned on this node (by this version or an older one)."""
+    found = set()
+    for root in (loader.PIN_ROOT, *loader.LEGACY_ROOTS):
+        try:
+            found.update(name_of_pin(e) for e in os.listdir(root) if "@" not in e)  # not staging dirs
+        except FileNotFoundError:
+            continue
+    return sorted(found)
+
+
+def status_of(name: str) -> Status | None:
+    pin_dir = pin_dir_of(name)
+    record = read_record(pin_dir)
+    if record is None and not os.path.isdir(pin_dir):
+        legacy = read_record(legacy_dir(name))
+        if legacy is not None:
+            state = STATE_STALE if netns.identity_of(legacy.netns) == legacy.netns_id else STATE_ORPHANED
+            return Status(legacy, state, ("attached by an older tcbypass (pins in "
+                                          f"{loader.LEGACY_ROOTS[0]}); attach it again to upgrade in place",))
+        if not os.path.isdir(legacy_dir(name)):
+            return None
+    if record is None:
+        # Pins without a readable record: an interrupted attach, or another build's layout.
+        placeholder = Record(name=name, netns="?", netns_id="", tap="?", tap_ifindex=0, nic="?", nic_ifindex=0,
+                             bridge="", bridge_mac="", mac="?", dhcp_to_bridge=True, digest="", hook="?")
+        return Status(placeholder, STATE_ORPHANED, ("unreadable pins (an interrupted attach or a foreign "
+                                                    "version); 'tcbypass gc' removes them",))
+    try:
+        with AttachmentMaps(pin_dir, readonly=True) as maps:
+            counters = maps.counters()
+    except BpfError:
+        counters = Counters.zero()
+    if netns.identity_of(record.netns) != record.netns_id:
+        if netns.forbidden(record.netns):  # not gone: gc must leave it alone
+            return Status(record, STATE_STALE, (f"cannot read {record.netns} (permission denied); tcbypass needs "
+                                                "CAP_SYS_PTRACE and the node's PID namespace for pods named by "
+                                                "/proc/PID/ns/net",), counters)
+        return Status(record, STATE_ORPHANED, ("the pod's network namespace is gone",), counters)
+    try:
+        found = problems(record, pin_dir)
+    except TcbError as exc:
+        return Status(record, STATE_ORPHANED, (exc.message,), counters)
+    return Status(record, STATE_STALE if found else STATE_ACTIVE, tuple(found), counters)
+
+
+def statuses() -> list[Status]:
+    if loader.bpffs_missing():
+        raise BpfError(f"bpffs is not mounted on {loader.BPFFS}: no attachment can be read (programs may still "
+                       "run on devices whose pins vanished with the mount)",
+                       hint=f"mount it again: mount -t bpf bpf {loader.BPFFS}")
+    return [s for s in map(status_of, names()) if s is not None]
+
+
+# --- garbage collection ---------------------------------------------------
+
+def _leftover(status: Status) -> bool:
+    """Orphaned, or an attach that never completed. (Attach holds the lock from
+    before it writes the record until it completes it, so under the lock an
+    incomplete record means that attach died.)"""
+    return status.state == STATE_ORPHANED or not status.record.complete
+
+def _defunct_links(name: str) -> list[Direction]:
+    pin_dir = pin_dir_of(name)
+    defunct = []
+    for direction in Direction:
+        with contextlib.suppress(OSError):
+            if (link := tcx.read(pin_dir, direction)) is not None and link.defunct:
+                defunct.append(direction)
+    return defunct
+
+
+def gc() -> list[str]:
+    """Remove what no live attachment needs: attachments whose pod is gone,
+    unreadable pins, staging directories left by a killed process, tcx links
+    whose device was deleted (the tap of a VM that restarted; attach or the
+    agent hooks the new one). Live attachments, even stale ones, stay."""
+    loader.bpffs_ready()
+    removed = []
+    entries = []
+    for root in (loader.PIN_ROOT, *loader.LEGACY_ROOTS):
+        with contextlib.suppress(FileNotFoundError):
+            entries += [(root, e) for e in sorted(os.listdir(root))]
+    for root, entry in entries:
+        name = name_of_pin(entry.removesuffix(STAGING))
+        try:
+            if entry.endswith(STAGING):
+                with locked(name, timeout=0.5):  # held while an attach is under way
+                    loader.remove_pins(f"{root}/{entry}")
+                removed.append(entry)
+            elif (status := status_of(name)) is not None and _leftover(status):
+                with locked(name, timeout=0.5):
+                    # Judge again under the lock: an attach may have finished meanwhile.
+                    status = status_of(name)
+                    if status is not None and _leftover(status):
+                        detach_locked(name, remove_qdisc=False)
+                        removed.append(name)
+            elif root == loader.PIN_ROOT and _defunct_links(name):
+                with locked(name, timeout=0.5):
+                    for direction in _defunct_links(name):
+                        tcx.remove(pin_dir_of(name), direction)
+                        removed.append(f"{name}: defunct tcx link ({direction.name.lower()})")
+        except BusyError:
+            continue  # someone is working on it right now
+    for lock in _listdir(LOCK_DIR):  # lock files of names nothing is pinned for (a killed process's)
+        name = name_of_pin(lock.removesuffix(".lock"))
+        if lock.endswith(".lock") and name not in {name_of_pin(e.removesuffix(STAGING)) for _, e in entries}:
+            with contextlib.suppress(BusyError, InputError), locked(name, timeout=0):
+                pass  # leaving the lock unlinks the file: nothing is pinned
+    if tc.forget_dead_owners(netns.live_identities()):
+        removed.append("clsact ownership markers of deleted pods")
+    return removed
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
