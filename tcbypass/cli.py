@@ -70,7 +70,7 @@ def _run(app: App, fn, *args, **kwargs):
     except TcbError as exc:
         if app.debug:
             raise
-        app.err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        click.echo(f"{click.style('error:', fg='red', bold=True)} {exc}", err=True)  # colour only on a terminal
         sys.exit(exc.exit_code)
 
 
@@ -187,17 +187,15 @@ def attach(app: App, vmi: str | None, namespace: str, ovsdb_url: str | None, ovs
     for done in result.attached:
         _print_result(app, f"{namespace}/{vmi} ", done)
     for plan in result.skipped:
-        app.console.print(f"{namespace}/{vmi} {plan.label}: {plan.recognition.line()}", highlight=False,
-                          soft_wrap=True)
+        click.echo(f"{namespace}/{vmi} {plan.label}: {plan.recognition.line()}")
     for record in result.removed:
-        app.console.print(f"{namespace}/{vmi} {record.name}: detached (the VMI no longer has this NIC)",
-                          highlight=False)
+        click.echo(f"{namespace}/{vmi} {record.name}: detached (the VMI no longer has this NIC)")
 
 
 def _print_result(app: App, prefix: str, result) -> None:
     r = result.record
-    app.console.print(f"{prefix}{r.name}: {result.action} ({r.tap} <-> {r.nic}, {r.mac}; {r.hook}, "
-                      f"from the VM by {r.from_vm}) in {result.seconds * 1000:.0f} ms", highlight=False)
+    click.echo(f"{prefix}{r.name}: {result.action} ({r.tap} <-> {r.nic}, {r.mac}; {r.hook}, "
+               f"from the VM by {r.from_vm}) in {result.seconds * 1000:.0f} ms")
 
 
 def _default_name(netns: str, tap: str) -> str:
@@ -225,9 +223,9 @@ def detach(app: App, target: str, namespace: str, remove_qdisc: bool) -> None:
     _require_root(app, "detach")
     records = _run(app, app.backend.detach, target, namespace, remove_qdisc)
     if not records:
-        app.console.print(f"{target}: not attached, nothing to do", highlight=False)
+        click.echo(f"{target}: not attached, nothing to do")
     for r in records:
-        app.console.print(f"{r.name}: detached, {r.tap} and {r.nic} use the bridge again", highlight=False)
+        click.echo(f"{r.name}: detached, {r.tap} and {r.nic} use the bridge again")
 
 
 @main.command()
@@ -354,7 +352,7 @@ def gc(app: App) -> None:
     ones, are left alone (attach refreshes those)."""
     _require_root(app, "gc")
     removed = _run(app, app.backend.gc)
-    app.console.print(f"removed: {', '.join(removed)}" if removed else "nothing to remove", highlight=False)
+    click.echo(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
 
 
 @main.command()
@@ -647,7 +645,7 @@ def prepare(app: App, cache_dir: str | None) -> None:
 
     for which, path in _run(app, build.prepare, Path(cache_dir) if cache_dir else None):
         variant = "without bpf_redirect_peer (kernels before 5.10)" if which.no_peer else "default"
-        app.console.print(f"{path}: {variant}", highlight=False)
+        click.echo(f"{path}: {variant}")
 
 
 if __name__ == "__main__":
