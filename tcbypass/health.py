@@ -124,7 +124,7 @@ def gc() -> list[str]:
                         removed.append(f"{name}: defunct tcx link ({direction.name.lower()})")
         except BusyError:
             continue  # someone is working on it right now
-    for lock in _listdir(LOCK_DIR):  # lock files of names nothing is pinned for (a killed process's)
+    for lock in netns.listdir(LOCK_DIR):  # lock files of names nothing is pinned for (a killed process's)
         name = name_of_pin(lock.removesuffix(".lock"))
         if lock.endswith(".lock") and name not in {name_of_pin(e.removesuffix(STAGING)) for _, e in entries}:
             with contextlib.suppress(BusyError, InputError), locked(name, timeout=0):
@@ -132,10 +132,3 @@ def gc() -> list[str]:
     if tc.forget_dead_owners(netns.live_identities()):
         removed.append("clsact ownership markers of deleted pods")
     return removed
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []

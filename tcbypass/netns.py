@@ -121,8 +121,8 @@ def run_in(path: str, fn: Callable[[], T]) -> T:
 def live_identities() -> set[str]:
     """dev:ino of every network namespace this node can see: named ones and those of processes."""
     found = set()
-    candidates = [os.path.join(NETNS_RUN_DIR, n) for n in _listdir(NETNS_RUN_DIR)]
-    candidates += [f"/proc/{pid}/ns/net" for pid in _listdir("/proc") if pid.isdigit()]
+    candidates = [os.path.join(NETNS_RUN_DIR, n) for n in listdir(NETNS_RUN_DIR)]
+    candidates += [f"/proc/{pid}/ns/net" for pid in listdir("/proc") if pid.isdigit()]
     for path in candidates:
         identity = identity_of(path)
         if identity:
@@ -130,7 +130,8 @@ def live_identities() -> set[str]:
     return found
 
 
-def _listdir(path: str) -> list[str]:
+def listdir(path: str) -> list[str]:
+    """The entries of a directory; none when it cannot be read."""
     try:
         return os.listdir(path)
     except OSError:

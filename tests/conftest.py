@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tcbypass import attachments, health, bpfsys, loader, netns
+from tcbypass import attachments, bpfsys, health, loader, netns
 from tcbypass.lab.sandbox import NETNS_DIR, Sandbox, sh
 
 
@@ -40,18 +40,23 @@ def pins(containing: str = "") -> set[str]:
         return set()
 
 
-def tcx_programs(ns: str, dev: str) -> list[str]:
-    """Names of the programs on a device's tcx ingress, in running order."""
-    def body() -> list[str]:
-        names = []
+def tcx_entries(ns: str, dev: str) -> list[tuple[int, str]]:
+    """(id, name) of the programs on a device's tcx ingress, in running order."""
+    def body() -> list[tuple[int, str]]:
+        found = []
         for prog_id in bpfsys.tcx_programs(socket.if_nametoindex(dev)):
             fd = bpfsys.prog_fd_by_id(prog_id)
             try:
-                names.append(bpfsys.prog_info(fd).name)
+                found.append((prog_id, bpfsys.prog_info(fd).name))
             finally:
                 os.close(fd)
-        return names
+        return found
     return netns.run_in(f"{NETNS_DIR}/{ns}", body)
+
+
+def tcx_programs(ns: str, dev: str) -> list[str]:
+    """Names of the programs on a device's tcx ingress, in running order."""
+    return [name for _, name in tcx_entries(ns, dev)]
 
 
 def tc_state(ns: str, dev: str) -> str:

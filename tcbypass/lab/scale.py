@@ -50,7 +50,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from .. import attachments, health, bpfsys, build, loader, vmi
+from .. import attachments, bpfsys, build, health, loader, netns, vmi
 from ..errors import TcbError
 from ..maps import META, PROG_FROM_VM, PROG_TO_VM
 from ..model import STATE_ACTIVE, pin_id
@@ -215,7 +215,7 @@ def leftovers(names: Sequence[str], prints: Sequence[Footprint], wait: float = 5
     """What remains of these attachments: pins, lock files, and programs and maps by
     id (the kernel frees them after an RCU grace period: waited for up to `wait` s)."""
     ours = {pin_id(n) for n in names}
-    pins = [e for e in _listdir(loader.PIN_ROOT) if e.split("@")[0] in ours]
+    pins = [e for e in netns.listdir(loader.PIN_ROOT) if e.split("@")[0] in ours]
     locks = [n for n in names if os.path.exists(f"{attachments.LOCK_DIR}/{pin_id(n)}.lock")]
     deadline = time.monotonic() + wait
     while True:
@@ -228,13 +228,6 @@ def leftovers(names: Sequence[str], prints: Sequence[Footprint], wait: float = 5
             "programs_checked": sum(len(p.prog_ids) for p in prints),
             "maps_checked": sum(len(p.map_ids) for p in prints),
             "clean": not (pins or locks or progs or maps)}
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
 
 
 # --- processes -------------------------------------------------------------------------------

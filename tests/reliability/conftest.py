@@ -24,15 +24,13 @@ import functools
 import json
 import os
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
 
-from tcbypass import attachments, health, bpfsys, loader, maps
-from tcbypass import netns as netns_mod
+from tcbypass import attachments, bpfsys, health, loader, maps
 from tcbypass.maps import AttachmentMaps
 from tcbypass.model import AttachSpec, Record
 from tcbypass.lab.sandbox import VmNic, sh, wait_for_ping
@@ -185,17 +183,9 @@ def our_filter_prog_ids(netns: str, dev: str) -> list[int]:
 
 def our_tcx_prog_ids(netns: str, dev: str) -> list[int]:
     """Ids of our programs (tcb_from_vm, tcb_to_vm) on the device's tcx ingress."""
-    def body() -> list[int]:
-        found = []
-        for prog_id in bpfsys.tcx_programs(socket.if_nametoindex(dev)):
-            fd = bpfsys.prog_fd_by_id(prog_id)
-            try:
-                if bpfsys.prog_info(fd).name in (maps.PROG_FROM_VM, maps.PROG_TO_VM):
-                    found.append(prog_id)
-            finally:
-                os.close(fd)
-        return found
-    return netns_mod.run_in(f"/var/run/netns/{netns}", body)
+    from tests.conftest import tcx_entries
+
+    return [i for i, name in tcx_entries(netns, dev) if name in (maps.PROG_FROM_VM, maps.PROG_TO_VM)]
 
 
 def our_hooks(netns: str, dev: str) -> tuple[int, ...]:

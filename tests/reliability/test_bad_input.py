@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tcbypass import attachments, health, bpfsys, loader
+from tcbypass import attachments, bpfsys, health, loader
 from tcbypass.model import AttachSpec
 from tcbypass.lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import run_cli, tc_state

@@ -28,7 +28,7 @@ import pytest
 import dataclasses
 import os
 
-from tcbypass import attachments, health, bpfsys, build, loader, netdev, netns, tc, tcx
+from tcbypass import attachments, bpfsys, build, health, loader, netdev, netns, tc, tcx
 from tcbypass.maps import F_DHCP_TO_BRIDGE, AttachmentMaps, Direction, config_entry, parse_mac
 from tcbypass.model import AttachSpec, pin_id
 from tcbypass.lab.sandbox import sh, wait_for_ping
