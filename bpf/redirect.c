@@ -72,6 +72,7 @@ enum tcb_reason {
 #define TCB_F_DHCP_TO_BRIDGE	0x1	/* leave DHCPv4 to the in-pod server */
 #define TCB_F_PEER		0x2	/* by peer: frames for the host side's own MAC */
 #define TCB_F_PEER_ALL		0x4	/* by peer: every frame (the host side is a switch port) */
+#define TCB_F_KERNEL_TYPES	0x8	/* the kernel types peer-redirected frames itself */
 
 /* The attachment, entry 0 of tcb_config. 28 bytes, no holes. */
 struct tcb_config {
@@ -105,9 +106,11 @@ BPF_ARRAY(tcb_config, struct tcb_config, 1);
 BPF_TABLE("devmap", __u32, __u32, tcb_tap, 1);
 BPF_PERCPU_ARRAY(tcb_stats, struct tcb_counters, 1);
 #ifdef TCB_TEST
-/* The last redirect: target ifindex, 1 if by peer, the packet type set. */
+/* The last redirect: target ifindex, 1 if by peer, the packet type set
+ * (TCB_TYPE_BY_KERNEL: left to the kernel). */
 BPF_ARRAY(tcb_test_out, __u32, 3);
 #endif
+#define TCB_TYPE_BY_KERNEL	0xff
 
 #define TCB_DHCP_SERVER_PORT	67
 #define TCB_DHCP_CLIENT_PORT	68
@@ -238,13 +241,15 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, const struct tc
 /*
  * Should this frame from the VM go by bpf_redirect_peer()? Handed over by
  * peer, a frame skips the host side's receive path, where eth_type_trans()
- * would have set its packet type from its destination MAC. We set that
- * type ourselves (*pkt_type), but since Linux 6.15 the kernel makes every
- * peer-redirected frame PACKET_HOST. That is harmless where the host side
- * is a switch port (OVS's kernel datapath, a bridge: TCB_F_PEER_ALL), which
- * takes every frame whatever its type. A host side whose own stack sees the
- * frames gets by peer only those addressed to it (TCB_F_PEER); a frame for
- * another MAC must arrive there as PACKET_OTHERHOST, so it crosses the veth.
+ * would have set its packet type from its destination MAC. Older kernels
+ * keep the type the tap gave it, so we set the right one here (*pkt_type);
+ * since Linux 6.15 the kernel makes every peer-redirected frame PACKET_HOST
+ * itself (TCB_F_KERNEL_TYPES, probed: then setting it is a wasted call).
+ * PACKET_HOST for everything is harmless where the host side is a switch
+ * port (OVS's kernel datapath, a bridge: TCB_F_PEER_ALL), which takes every
+ * frame whatever its type. A host side whose own stack sees the frames gets
+ * by peer only those addressed to it (TCB_F_PEER); a frame for another MAC
+ * must arrive there as PACKET_OTHERHOST, so it crosses the veth.
  */
 static __always_inline int tcb_by_peer(struct __sk_buff *skb, const struct tcb_config *cfg, __u32 *pkt_type)
 {
@@ -258,6 +263,10 @@ static __always_inline int tcb_by_peer(struct __sk_buff *skb, const struct tcb_c
 	for_host = tcb_mac_eq(eth->h_dest, cfg->host_mac);
 	if (!for_host && !(cfg->flags & TCB_F_PEER_ALL))
 		return 0;
+	if (cfg->flags & TCB_F_KERNEL_TYPES) {
+		*pkt_type = TCB_TYPE_BY_KERNEL;
+		return 1;
+	}
 	*pkt_type = for_host ? PACKET_HOST : PACKET_OTHERHOST;
 	if (skb->pkt_type != *pkt_type)
 		bpf_skb_change_type(skb, *pkt_type);

@@ -28,7 +28,8 @@ from typing import Iterator
 
 from . import bpfsys, build, features, loader, netdev, netns, tc, tcx
 from .errors import BpfError, BusyError, DeviceError, InputError, TcbError
-from .maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, META, TAP, AttachmentMaps, Direction, config_entry, parse_mac
+from .maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, META, TAP, AttachmentMaps, Direction,
+                   config_entry, parse_mac)
 from .model import AttachResult, AttachSpec, Record, pin_id
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,8 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, link_dir: str, want: Recor
     so that status sees a half-done swap as it is."""
     flags = (F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0) | {
         features.MODE_PEER: F_PEER | F_PEER_ALL, features.MODE_PEER_HOST: F_PEER}.get(want.from_vm, 0)
+    if want.from_vm != features.MODE_REDIRECT and features.probe().kernel_types_peer:
+        flags |= F_KERNEL_TYPES  # the kernel types peer-redirected frames: no call to do it
     bridge_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)
     host_mac = parse_mac(want.host_mac) if want.host_mac else bytes(6)
     with AttachmentMaps(work_dir) as maps, loader.open_programs(work_dir) as progs:

@@ -93,7 +93,10 @@ def _features(found: features.Features) -> list[Check]:
               "(a qdisc graft on first attach can drop a frame in flight)"), "Linux 6.6 or newer has tcx",
               required=False),
         Check("bpf_redirect_peer", found.redirect_peer,
-              f"{yes[found.redirect_peer]}" + ("" if found.redirect_peer else
+              f"{yes[found.redirect_peer]}" + (("; the kernel types the frames it hands over itself, so the "
+                                                "program need not" if found.kernel_types_peer else
+                                                "; the program sets the packet type of the frames it hands over")
+                                               if found.redirect_peer else
                                                ": frames from the VM go through the pod NIC's queue"),
               "Linux 5.10 or newer has it", required=False),
         Check("devmap lookup from tc", found.devmap_lookup,

@@ -12,20 +12,38 @@ life of the process.
   devmap_lookup   a SCHED_CLS program may look up a DEVMAP, the basis of the
                   no-blackhole guarantee
   run_time_stats  BPF_ENABLE_STATS works (5.8+), for live per-packet costs
+  kernel_types_peer
+                  a frame handed over by bpf_redirect_peer() arrives typed
+                  PACKET_HOST whatever the program set (6.15+): then the
+                  program need not set it. The one probe that moves a real
+                  frame: two private network namespaces, two veth pairs and a
+                  four-instruction program, about 0.2 s, so its answer is kept
+                  in /run/tcbypass/features.json for the boot.
 
-The choice made from them (`choose`) is reported by `tcbypass doctor` and,
-per attachment, by `status`.
+The path chosen from them is reported by `tcbypass doctor` and, per
+attachment, by `status`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import functools
+import json
+import logging
 import os
+import platform
+import select
+import socket
 import struct
+import tempfile
+import threading
 from dataclasses import asdict, dataclass
 
 from . import bpfsys
+
+log = logging.getLogger(__name__)
 
 TC_ACT_UNSPEC = -1
 BPF_FUNC_MAP_LOOKUP_ELEM = 1
@@ -97,6 +115,107 @@ def _probe_tcx() -> bool:
         os.close(fd)
 
 
+CLONE_NEWNET = 0x40000000
+ETH_P_PROBE = 0x88B5  # IEEE 802 local experimental ethertype
+CACHE = "/run/tcbypass/features.json"
+
+
+def _probe_kernel_types_peer(tcx: bool) -> bool:
+    """Does a frame redirected by peer arrive as PACKET_HOST, although it was
+    PACKET_OTHERHOST where the program ran? Found by doing it, in two network
+    namespaces of our own (made on a thread with unshare, gone with it):
+
+        X: d2 -veth- d1 [program: bpf_redirect_peer(x0)]   x0 -veth- y0 :Y  <- packet socket on y0
+    """
+    from pyroute2 import IPRoute
+
+    found: list = []
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def enter_new() -> int:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def body() -> None:
+        held: list = []
+        try:
+            fd_x = enter_new()
+            held.append(fd_x)
+            fd_y = enter_new()
+            held.append(fd_y)
+            libc.setns(fd_x, CLONE_NEWNET)
+            with IPRoute() as ipr:
+                ipr.link("add", ifname="d1", kind="veth", peer="d2")
+                ipr.link("add", ifname="x0", kind="veth", peer={"ifname": "y0", "net_ns_fd": fd_y})
+                index = {name: ipr.link_lookup(ifname=name)[0] for name in ("d1", "d2", "x0")}
+                for name in index:
+                    ipr.link("set", index=index[name], state="up")
+            libc.setns(fd_y, CLONE_NEWNET)
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="y0")[0], state="up")
+            capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_PROBE))
+            held.append(capture)
+            capture.bind(("y0", 0))
+            libc.setns(fd_x, CLONE_NEWNET)
+            code = (_insn(0xB7, dst=1, imm=index["x0"]) + _insn(0xB7, dst=2)
+                    + _insn(0x85, imm=BPF_FUNC_REDIRECT_PEER) + _insn(0x95))  # return bpf_redirect_peer(x0, 0)
+            prog = bpfsys.prog_load("tcb_probe_type", code)
+            held.append(prog)
+            if tcx:
+                held.append(bpfsys.tcx_link_create(prog, index["d1"]))
+            else:
+                with IPRoute() as ipr:
+                    ipr.tc("add", kind="clsact", index=index["d1"])
+                    ipr.tc("add-filter", kind="bpf", index=index["d1"], parent=0xFFFFFFF2, prio=1, handle=1,
+                           protocol=0x0003, fd=prog, name="tcb_probe", direct_action=True)
+            sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            held.append(sender)
+            sender.bind(("d2", 0))
+            # For a MAC nobody has: PACKET_OTHERHOST on d1.
+            sender.send(bytes.fromhex("02000000009902000000000188b5") + bytes(46))
+            if select.select([capture], [], [], 1.0)[0]:
+                found.append(capture.recvfrom(256)[1][2] == socket.PACKET_HOST)
+        except Exception as exc:  # a probe that cannot run answers "no": the program sets the type
+            log.debug("packet-type probe: %s", exc)
+        finally:
+            for thing in reversed(held):
+                with contextlib.suppress(OSError):
+                    thing.close() if isinstance(thing, socket.socket) else os.close(thing)
+
+    thread = threading.Thread(target=body, name="tcbypass-probe", daemon=True)
+    thread.start()
+    thread.join(10)
+    return bool(found and found[0])
+
+
+def _boot_key() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{boot} {platform.release()}"
+
+
+def _cached_kernel_types_peer(tcx: bool) -> bool:
+    """The packet-type probe's answer, kept for this boot of this kernel."""
+    key = _boot_key()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(CACHE) as f:
+            data = json.load(f)
+        if data["boot"] == key:
+            return bool(data["kernel_types_peer"])
+    answer = _probe_kernel_types_peer(tcx)
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(CACHE), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".features-", dir=os.path.dirname(CACHE))
+        with os.fdopen(fd, "w") as f:
+            json.dump({"boot": key, "kernel_types_peer": answer}, f)
+        os.replace(tmp, CACHE)
+    return answer
+
+
 def _probe_stats() -> bool:
     try:
         os.close(bpfsys.enable_run_time_stats())
@@ -111,6 +230,7 @@ class Features:
     redirect_peer: bool
     devmap_lookup: bool
     run_time_stats: bool
+    kernel_types_peer: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,5 +243,6 @@ class Features:
 @functools.lru_cache(maxsize=1)
 def probe() -> Features:
     """Ask the kernel (needs CAP_BPF or root). Cached for the process."""
-    return Features(tcx=_probe_tcx(), redirect_peer=_probe_redirect_peer(),
-                    devmap_lookup=_probe_devmap_lookup(), run_time_stats=_probe_stats())
+    tcx, peer = _probe_tcx(), _probe_redirect_peer()
+    return Features(tcx=tcx, redirect_peer=peer, devmap_lookup=_probe_devmap_lookup(),
+                    run_time_stats=_probe_stats(), kernel_types_peer=peer and _cached_kernel_types_peer(tcx))

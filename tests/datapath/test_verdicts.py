@@ -18,8 +18,8 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Dot1Q
 from scapy.packet import Raw
 
-from tcbypass.maps import (F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, PACKET_HOST, PACKET_OTHERHOST, Reason, config_entry,
-                           parse_mac)
+from tcbypass.maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, PACKET_HOST, PACKET_OTHERHOST,
+                           TYPE_BY_KERNEL, Reason, config_entry, parse_mac)
 
 from .pktgen import (
     ADDR,
@@ -299,6 +299,18 @@ def test_from_vm_frame_for_another_host_crosses_the_veth_when_the_host_stack_see
     PACKET_OTHERHOST on arrival whatever its version does to peer redirects."""
     dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
     dp.from_vm(tcp_from_vm()).expect_redirect(to=dp.pod.nic)
+
+
+@pytest.mark.parametrize("flags", [F_PEER, F_PEER | F_PEER_ALL], ids=["peer-host", "peer"])
+def test_where_the_kernel_types_peer_frames_the_program_leaves_the_type_alone(dp, flags):
+    """F_KERNEL_TYPES (probed: Linux 6.15+ makes every peer-redirected frame
+    PACKET_HOST): the same redirect, without the call that sets the type."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_KERNEL_TYPES | flags)
+    dp.from_vm(frame_for_the_host_side()).expect_peer_redirect(to=dp.pod.nic, pkt_type=TYPE_BY_KERNEL)
+    if flags & F_PEER_ALL:
+        dp.from_vm(tcp_from_vm()).expect_peer_redirect(to=dp.pod.nic, pkt_type=TYPE_BY_KERNEL)
+    else:  # a frame for another host still crosses the veth (its stack must see it as OTHERHOST)
+        dp.from_vm(tcp_from_vm()).expect_redirect(to=dp.pod.nic)
 
 
 def test_to_vm_frames_never_go_by_peer(dp):

@@ -22,7 +22,8 @@ def test_doctor_json_reports_the_kernels_features_and_the_path():
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is True
-    assert report["features"] == {"tcx": True, "redirect_peer": True, "devmap_lookup": True, "run_time_stats": True}
+    assert report["features"] == {"tcx": True, "redirect_peer": True, "devmap_lookup": True, "run_time_stats": True,
+                                  "kernel_types_peer": True}  # 6.18: peer-redirected frames arrive PACKET_HOST
     assert report["path"] == {"hook": "tcx", "from_vm": "peer"}
     assert all(c["ok"] for c in report["checks"])
 

@@ -11,7 +11,7 @@ import pytest
 from tcbypass import build
 import ctypes
 
-from tcbypass.maps import F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, ConfigEntry, CountersEntry, Direction, Reason
+from tcbypass.maps import F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, TYPE_BY_KERNEL, ConfigEntry, CountersEntry, Direction, Reason
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,8 @@ def test_config_flags_match(source):
     assert c_define(source, "TCB_F_DHCP_TO_BRIDGE") == F_DHCP_TO_BRIDGE
     assert c_define(source, "TCB_F_PEER") == F_PEER
     assert c_define(source, "TCB_F_PEER_ALL") == F_PEER_ALL
+    assert c_define(source, "TCB_F_KERNEL_TYPES") == F_KERNEL_TYPES
+    assert c_define(source, "TCB_TYPE_BY_KERNEL") == TYPE_BY_KERNEL
 
 
 def c_struct_fields(source: str, name: str) -> list[tuple[str, str, int]]:
