@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kernel matrix in one command, on a fresh Debian 12 machine, as root:
 #
-#   scripts/kernel-matrix.sh                          every kernel the mirror offers by default (6.1, 5.10), all groups
+#   scripts/kernel-matrix.sh                          the default kernels (6.1, 5.10, 5.10-bullseye), all groups
 #   scripts/kernel-matrix.sh --kernel 6.1 --selection ci    what CI runs
 #   scripts/kernel-matrix.sh --list                   kernels and test groups
 #

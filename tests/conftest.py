@@ -6,6 +6,7 @@ is removed at teardown, also when the test fails.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from tcbypass import attachments, bpfsys, health, loader, netns
+from tcbypass import attachments, bpfsys, features, health, loader, netns
 from tcbypass.lab.sandbox import NETNS_DIR, Sandbox, sh
 
 
@@ -40,11 +41,40 @@ def pins(containing: str = "") -> set[str]:
         return set()
 
 
+# --- hooks and kernels without tcx ----------------------------------------------------
+KERNEL_LACKS = "TCBYPASS_KERNEL_LACKS"  # set by the kernel matrix: features the guest's kernel lacks
+
+
+def require_hook(hook: str) -> None:
+    """Fail a test of `hook` that this kernel cannot run, unless the run said
+    beforehand that the kernel lacks it ($TCBYPASS_KERNEL_LACKS, which the
+    kernel matrix sets from the kernel's release): then skip, saying so. A
+    missing tcx is thus never a silent pass or skip."""
+    if hook != "tcx" or features.probe().tcx:
+        return
+    if "tcx" in os.environ.get(KERNEL_LACKS, "").split(","):
+        pytest.skip("no tcx: this kernel has none (Linux 6.6+), as the run declared; the clsact case covers it")
+    pytest.fail(f"this kernel has no tcx, so the tcx case cannot run; where that is expected (Linux before 6.6) "
+                f"set {KERNEL_LACKS}=tcx to skip such cases")
+
+
+def tcx_program_ids(ifindex: int) -> list[int]:
+    """Ids of the programs on a device's tcx ingress (call it in the device's
+    namespace). A kernel without tcx refuses the query (EINVAL): nothing can
+    be there."""
+    try:
+        return bpfsys.tcx_programs(ifindex)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and not features.probe().tcx:
+            return []
+        raise
+
+
 def tcx_entries(ns: str, dev: str) -> list[tuple[int, str]]:
     """(id, name) of the programs on a device's tcx ingress, in running order."""
     def body() -> list[tuple[int, str]]:
         found = []
-        for prog_id in bpfsys.tcx_programs(socket.if_nametoindex(dev)):
+        for prog_id in tcx_program_ids(socket.if_nametoindex(dev)):
             fd = bpfsys.prog_fd_by_id(prog_id)
             try:
                 found.append((prog_id, bpfsys.prog_info(fd).name))

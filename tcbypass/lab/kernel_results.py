@@ -1,10 +1,15 @@
 """What a kernel-matrix run found, and the table it is reported in (see kernels.py).
 
-The guest leaves in the run's share one JUnit XML per test group, `doctor.json`
-(or `doctor.txt`) and `facts.json`; its console carries one end marker per
-group with the exit code and milliseconds. `collect` turns those into a
-`KernelResult`, which round-trips through JSON (`results.json`), and
-`markdown_table` / `failures` render results for people.
+The guest leaves in the run's share one JUnit XML per test group, what
+`tcbypass doctor --json` printed (`doctor.json`) and `facts.json`; its console
+carries one end marker per group with the exit code and milliseconds.
+`collect` turns those into a `KernelResult`, which round-trips through JSON
+(`results.json`), and `markdown_table` / `failures` render results for people.
+
+The product probes the kernel's features and never reads its version. The
+lab does read it, once, to check the probes: `expected_features` says what a
+kernel of that release has (from the release that brought each feature), and
+a result whose doctor found something else, or chose another path, fails.
 """
 
 from __future__ import annotations
@@ -18,6 +23,23 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 GROUP_MARKER = "TCB-MATRIX"
+
+# The release that brought each feature `tcbypass doctor --json` reports
+# (tcbypass/features.py probes them): tcx links (6.6), bpf_redirect_peer()
+# (5.10), devmap lookups from programs (5.1), BPF_ENABLE_STATS (5.8).
+FEATURE_SINCE = {"tcx": (6, 6), "redirect_peer": (5, 10), "devmap_lookup": (5, 1), "run_time_stats": (5, 8)}
+
+
+def expected_features(kernel: str) -> dict[str, bool]:
+    """What a kernel of this release ("6.1.0-57-amd64") offers, by feature; {} for an unknown release."""
+    m = re.match(r"(\d+)\.(\d+)", kernel)
+    return {name: (int(m[1]), int(m[2])) >= since for name, since in FEATURE_SINCE.items()} if m else {}
+
+
+def expected_path(features: dict[str, bool]) -> dict[str, str]:
+    """The path attach must take with these features (doctor's "path")."""
+    return {"hook": "tcx" if features.get("tcx") else "clsact",
+            "from_vm": "peer" if features.get("redirect_peer") else "redirect"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,8 @@ class KernelResult:
     build_seconds: float = 0.0  # 0: cached image
     boot_seconds: float = 0.0
     run_seconds: float = 0.0  # qemu start to power-off
-    doctor: dict | list | str | None = None  # JSON when the product has doctor --json, else its text
+    doctor: dict | None = None  # what tcbypass doctor --json printed
+    doctor_error: str = ""  # its stderr's last lines when it printed no JSON
     doctor_rc: int | None = None
     doctor_seconds: float = 0.0
     facts: dict = field(default_factory=dict)
@@ -71,8 +94,32 @@ class KernelResult:
     error: str = ""
 
     @property
+    def features(self) -> dict:
+        return (self.doctor or {}).get("features") or {}
+
+    @property
+    def path(self) -> dict:
+        return (self.doctor or {}).get("path") or {}
+
+    @property
+    def doctor_problems(self) -> list[str]:
+        """Where doctor failed, or disagrees with what a kernel of this release offers."""
+        if self.doctor is None:
+            return [f"doctor printed no JSON: {self.doctor_error or 'nothing'}"]
+        problems = [f"doctor: {c.get('name')}: {c.get('detail')}" for c in self.doctor.get("checks", [])
+                    if not c.get("ok") and c.get("required", True)]
+        want = expected_features(self.kernel)
+        problems += [f"doctor found {name} {'missing' if want[name] else 'present'}; Linux "
+                     f"{'.'.join(map(str, FEATURE_SINCE[name]))}+ has it" for name in want
+                     if self.features.get(name) != want[name]]
+        if want and self.path != expected_path(want):
+            problems.append(f"doctor chose {self.path or 'no path'}, not {expected_path(want)}")
+        return problems
+
+    @property
     def ok(self) -> bool:
-        return not self.error and bool(self.groups) and all(g.ok for g in self.groups)
+        return (not self.error and not self.doctor_problems and bool(self.groups)
+                and all(g.ok for g in self.groups))
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -136,18 +183,13 @@ def parse_marks(lines: Iterable[str]) -> dict[str, tuple[int, float]]:
     return found
 
 
-def read_doctor(out: Path) -> dict | list | str | None:
-    """doctor --json's document, or the text of plain doctor, or None."""
+def read_doctor(out: Path) -> tuple[dict | None, str]:
+    """doctor --json's document, or None and the end of what it said instead."""
     with contextlib.suppress(OSError, ValueError):
-        text = (out / "doctor.json").read_text()
-        if text.strip():
-            return json.loads(text)
-    for name in ("doctor.txt", "doctor.json", "doctor.err"):
-        with contextlib.suppress(OSError):
-            text = (out / name).read_text().strip()
-            if text:
-                return text
-    return None
+        data = json.loads((out / "doctor.json").read_text())
+        if isinstance(data, dict):
+            return data, ""
+    return None, _tail(out / "doctor.err") or _tail(out / "doctor.json")
 
 
 def collect(target: str, out: Path, console_lines: Sequence[str], groups: Sequence[str],
@@ -171,8 +213,10 @@ def collect(target: str, out: Path, console_lines: Sequence[str], groups: Sequen
     with contextlib.suppress(OSError, ValueError):
         facts = json.loads((out / "facts.json").read_text())
     doctor_rc, doctor_seconds = marks.get("doctor", (None, 0.0))
-    return KernelResult(target, kernel=facts.get("uname", ""), doctor=read_doctor(out), doctor_rc=doctor_rc,
-                        doctor_seconds=doctor_seconds, facts=facts, groups=tuple(results), **fields)
+    doctor, doctor_error = read_doctor(out)
+    return KernelResult(target, kernel=facts.get("uname", ""), doctor=doctor, doctor_error=doctor_error,
+                        doctor_rc=doctor_rc, doctor_seconds=doctor_seconds, facts=facts, groups=tuple(results),
+                        **fields)
 
 
 def _tail(path: Path, n: int = 5) -> str:
@@ -183,38 +227,42 @@ def _tail(path: Path, n: int = 5) -> str:
 
 # --- the report ----------------------------------------------------------------------
 
-def hook_path(doctor) -> str:
-    """The attach path the product reports choosing, when its doctor says so in
-    JSON; "not reported" otherwise (the runner does not guess it)."""
-    return _find_hook(doctor) or "not reported"
+def path_text(r: KernelResult) -> str:
+    """The path doctor reports: "clsact, peer"."""
+    return ", ".join(r.path[k] for k in ("hook", "from_vm") if r.path.get(k)) or "none reported"
 
 
-def _find_hook(doctor) -> str:
-    if isinstance(doctor, dict):
-        for key in ("hook", "hook_path", "attach_path", "path", "datapath", "mode"):
-            value = doctor.get(key)
-            if isinstance(value, str) and value:
-                return value
-        doctor = list(doctor.values())
-    if isinstance(doctor, list):
-        for value in doctor:
-            found = _find_hook(value)
-            if found:
-                return found
-    return ""
+def features_text(r: KernelResult) -> str:
+    """The features doctor found: "redirect_peer, devmap_lookup, run_time_stats; no tcx"."""
+    found = [name for name, has in r.features.items() if has]
+    missing = [name for name, has in r.features.items() if not has]
+    return "; ".join(filter(None, [", ".join(found), "no " + ", ".join(missing) if missing else ""])) or "?"
+
+
+def tests_text(g: GroupResult) -> str:
+    """ "explicit: 15 passed, 14 skipped (no tcx)": skips named by their reason's head."""
+    reasons: dict[str, int] = {}
+    for c in g.cases:
+        if c.outcome == "skipped":
+            head = c.message.split(":", 1)[0].strip() or "no reason"
+            reasons[head] = reasons.get(head, 0) + 1
+    parts = [f"{g.count(o)} {o}" for o in ("passed", "failed", "error", "skipped") if g.count(o)]
+    why = ", ".join(k if len(reasons) == 1 else f"{k}: {n}" for k, n in reasons.items())
+    return f"{g.name}: {', '.join(parts) or 'none'}" + (f" ({why})" if why else "")
 
 
 def markdown_table(results: Sequence[KernelResult]) -> str:
-    rows = ["| kernel | hook path | tests run | result | time |", "|---|---|---|---|---|"]
+    rows = ["| kernel | path (hook, from the VM) | features | tests run | result | time |",
+            "|---|---|---|---|---|---|"]
     for r in results:
         kernel = f"{r.target} ({r.kernel})" if r.kernel else r.target
-        groups = ", ".join(f"{g.name}: {len(g.cases)}" for g in r.groups) or "none"
-        result = "pass" if r.ok else "FAIL: " + (r.error or "; ".join(
-            f"{g.name} {g.summary}" for g in r.groups if not g.ok))
+        groups = "; ".join(tests_text(g) for g in r.groups) or "none"
+        result = "pass" if r.ok else "FAIL: " + "; ".join(
+            [r.error] if r.error else [*r.doctor_problems, *(f"{g.name} {g.summary}" for g in r.groups if not g.ok)])
         timing = ", ".join([f"image build {r.build_seconds:.0f} s" if r.build_seconds else "image cached",
                             f"boot {r.boot_seconds:.0f} s", f"doctor {r.doctor_seconds:.0f} s",
                             *(f"{g.name} {g.seconds:.0f} s" for g in r.groups)])
-        rows.append(f"| {kernel} | {hook_path(r.doctor)} | {groups} | {result} | "
+        rows.append(f"| {kernel} | {path_text(r)} | {features_text(r)} | {groups} | {result} | "
                     f"{r.run_seconds:.0f} s under {r.accel or '?'}: {timing} |")
     return "\n".join(rows) + "\n"
 
@@ -224,6 +272,8 @@ def failures(results: Sequence[KernelResult]) -> list[str]:
     for r in results:
         if r.error:
             out.append(f"{r.target}: {r.error}")
+        else:
+            out += [f"{r.target}: {p}" for p in r.doctor_problems]
         for g in r.groups:
             if g.rc is None or (g.rc != 0 and not g.cases):
                 out.append(f"{r.target} {g.name}: {g.summary} {g.note}".rstrip())

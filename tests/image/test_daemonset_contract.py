@@ -221,7 +221,7 @@ CASES = {
                                "locks shared with node hooks"),
     # Without propagation the pod sees the namespace's file but not the namespace mounted on it.
     "propagation:netns": Case("attach-late", ("error: cannot open network namespace /var/run/netns/{late_pod} "
-                                              "([Errno 13] Permission denied)",),
+                                              "(Permission denied); is the pod still running?",),
                               "namespaces of pods started after the agent"),
     "propagation:bpffs": Case("doctor-late-bpffs", ("FAIL bpffs: bpffs is not mounted on /sys/fs/bpf (ext4 is)",),
                               "a bpffs the node mounts after the agent started"),

@@ -5,25 +5,31 @@ it; tests/vm uses a real qemu guest). With the bridge made unable to forward
 unicast, only the fast path can carry the VM's traffic.
 
 Every test runs with both hooks: tcx links (the default where the kernel
-has tcx) and clsact filters (the fallback), which must behave the same.
+has tcx) and clsact filters (the fallback), which must behave the same. On
+a kernel without tcx the tcx cases fail, unless the run declared that the
+kernel lacks it (tests/conftest.py: require_hook); what happens there
+instead is the last test's subject.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from tcbypass import features
 from tcbypass.lab.sandbox import ping, sh, tcp_transfer, wait_for_ping
-from tests.conftest import ours_on, pins, run_cli, status_json, tc_state
+from tests.conftest import ours_on, pins, require_hook, run_cli, status_json, tc_state
 
 SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
 
 
 @pytest.fixture(params=["tcx", "clsact"])
-def pod(bare_node, request):
-    [nic] = bare_node.add_vm("vm1", [VM_IP])
-    bare_node.serve_on_host_port(nic, SERVER_IP)
+def pod(request):
+    require_hook(request.param)  # before the node is built
+    sb = request.getfixturevalue("bare_node")
+    [nic] = sb.add_vm("vm1", [VM_IP])
+    sb.serve_on_host_port(nic, SERVER_IP)
     assert wait_for_ping(nic.vm_ns, SERVER_IP), "the bridge path must work before any test"
-    return bare_node, nic, request.param
+    return sb, nic, request.param
 
 
 def attach_args(sb, nic, hook, *extra):
@@ -155,3 +161,26 @@ def test_bad_input_is_one_line_and_leaves_nothing(pod, change, message, code):
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert (pins(sb.tag), tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic)) == before
+
+
+def test_attach_with_tcx_is_refused_where_the_kernel_has_none(bare_node):
+    """Before Linux 6.6: --hook tcx is refused in one line naming the way out,
+    nothing is left behind, and the bridge keeps carrying the VM's traffic;
+    without --hook the same attach takes clsact."""
+    if features.probe().tcx:
+        pytest.skip("tcx present: this kernel has tcx, so --hook tcx is taken (the tests above)")
+    sb = bare_node
+    [nic] = sb.add_vm("vm1", [VM_IP])
+    sb.serve_on_host_port(nic, SERVER_IP)
+    assert wait_for_ping(nic.vm_ns, SERVER_IP), "the bridge path must work before the test"
+    before = (tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic))
+    proc = run_cli(*attach_args(sb, nic, "tcx"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no tcx" in proc.stderr and "--hook clsact" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (tc_state(nic.pod_ns, nic.tap), tc_state(nic.pod_ns, nic.nic)) == before and not pins(sb.tag)
+    assert ping(nic.vm_ns, SERVER_IP, count=2) == (2, 2), "the bridge still carries the VM's traffic"
+    args = [a for a in attach_args(sb, nic, "tcx") if a not in ("--hook", "tcx")]
+    assert run_cli(*args).returncode == 0
+    [row] = [r for r in status_json() if r["name"] == f"t-{sb.tag}"]
+    assert (row["state"], row["hook"]) == ("active", "clsact")

@@ -18,6 +18,7 @@ import os
 
 import pytest
 
+from tcbypass.lab import kernel_results as results
 from tcbypass.lab import kernels
 
 pytestmark = pytest.mark.root
@@ -45,7 +46,15 @@ def test_guest_boots_its_own_kernel_and_the_product_reports_on_it(matrix):
     assert not matrix.error, matrix.error
     assert matrix.kernel == matrix.image["kernel_version"], "the guest must run the kernel its headers are for"
     assert matrix.kernel.startswith(f"{matrix.target.split('-')[0]}."), matrix.kernel
-    assert matrix.doctor, "tcbypass doctor printed nothing in the guest"
+    assert matrix.doctor is not None, f"tcbypass doctor --json printed no JSON: {matrix.doctor_error}"
+
+
+def test_doctor_finds_what_the_kernel_has_and_chooses_its_best_path(matrix):
+    """6.1 and 5.10: no tcx, so clsact, with bpf_redirect_peer from the VM; 6.6+: tcx."""
+    assert matrix.doctor is not None, matrix.doctor_error
+    assert matrix.features == results.expected_features(matrix.kernel), matrix.doctor
+    assert matrix.path == results.expected_path(matrix.features)
+    assert not matrix.doctor_problems, matrix.doctor_problems
 
 
 @pytest.mark.parametrize("group", [g.name for g in GROUPS])

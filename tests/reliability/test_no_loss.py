@@ -33,6 +33,8 @@ from tcbypass.maps import F_DHCP_TO_BRIDGE, AttachmentMaps, Direction, config_en
 from tcbypass.model import AttachSpec, pin_id
 from tcbypass.lab.sandbox import sh, wait_for_ping
 
+from tests.conftest import require_hook
+
 from .conftest import assert_one_attachment_or_none, report
 from .traffic import PingFlow, Timeline, UdpFlow
 
@@ -193,6 +195,7 @@ GRAFTING = "attach with --hook clsact (adds clsact: two qdisc grafts)"
 
 @pytest.mark.parametrize("hook", ["tcx", "clsact"])
 def test_attach_reattach_upgrade_and_detach_under_traffic_lose_nothing(pod, hook, grafts, capsys, request):
+    require_hook(hook)
     sb, nic, server = pod
     name = f"nl-{sb.tag}"
     spec = AttachSpec(name=name, netns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mac=nic.mac, hook=hook)

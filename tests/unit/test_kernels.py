@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,8 +121,8 @@ def test_qemu_boots_the_image_on_an_overlay_with_the_run_directory_shared(tmp_pa
 def test_the_job_runs_doctor_then_every_group_with_its_limit_and_junit():
     groups = kernels.SELECTIONS["full"]
     job = kernels.job_script(groups)
-    assert job.index("doctor --json") < job.index("-m pytest")
-    assert "tcbypass doctor >" in job, "falls back to plain doctor when --json is unknown"
+    assert job.index("tcbypass doctor --json") < job.index("-m pytest")
+    assert job.count("tcbypass doctor") == 1, "doctor runs once, as JSON"
     for g in groups:
         assert f'--junitxml="$out/{g.name}.xml"' in job
         assert f"timeout -k 15 {g.limit} " in job
@@ -134,17 +135,45 @@ def test_the_job_exports_the_environment_it_is_given():
     assert "TCBYPASS_TRAFFIC_SLOWDOWN" not in kernels.job_script(kernels.SELECTIONS["ci"])
 
 
+def test_guests_are_told_what_their_kernel_lacks_and_how_slow_they_are():
+    assert kernels.guest_env("6.1.0-57-amd64", "tcg") == {"TCBYPASS_KERNEL_LACKS": "tcx",
+                                                         "TCBYPASS_TRAFFIC_SLOWDOWN": "20"}
+    assert kernels.guest_env("5.10.0-46-amd64", "kvm") == {"TCBYPASS_KERNEL_LACKS": "tcx"}
+    assert kernels.guest_env("6.12.95+deb12-amd64", "kvm") == {}
+    assert kernels.guest_env("5.4.0-1-amd64", "kvm") == {"TCBYPASS_KERNEL_LACKS": "tcx,redirect_peer,run_time_stats"}
+
+
+def test_features_expected_of_a_release_and_the_path_they_give():
+    assert results.expected_features("6.1.0-57-amd64") == {"tcx": False, "redirect_peer": True,
+                                                           "devmap_lookup": True, "run_time_stats": True}
+    assert results.expected_features("6.6.0")["tcx"] and results.expected_features("5.9.1")["redirect_peer"] is False
+    assert results.expected_features("") == {}
+    assert results.expected_path(results.expected_features("6.1.0-57-amd64")) == {"hook": "clsact",
+                                                                                  "from_vm": "peer"}
+    assert results.expected_path(results.expected_features("6.12.95+deb12-amd64")) == {"hook": "tcx",
+                                                                                       "from_vm": "peer"}
+    assert results.expected_path(results.expected_features("5.4.0")) == {"hook": "clsact", "from_vm": "redirect"}
+
+
 def test_the_job_is_valid_shell(tmp_path):
     script = tmp_path / "job.sh"
     script.write_text(kernels.job_script(kernels.SELECTIONS["full"], {"A": "b c"}))
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
 
-def test_every_selection_names_existing_tests():
-    for groups in kernels.SELECTIONS.values():
-        for g in groups:
-            for arg in g.args:
-                assert (REPO / arg.split("::")[0]).exists(), arg
+def test_every_selection_names_tests_that_exist():
+    args = sorted({arg for groups in kernels.SELECTIONS.values() for g in groups for arg in g.args})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = proc.stdout
+    for arg in args:
+        assert arg.split("[")[0] in collected, arg
+    # Both hooks of each hook-parametrized group are selected (on a kernel without tcx the tcx cases skip, declared).
+    explicit = next(g for g in kernels.SELECTIONS["ci"] if g.name == "explicit")
+    for arg in explicit.args:
+        if "refused" not in arg:
+            assert f"{arg.split('::')[1]}[tcx]" in collected and f"{arg.split('::')[1]}[clsact]" in collected
 
 
 def test_junit_cases_carry_outcome_and_the_first_line_of_the_message():
@@ -175,37 +204,72 @@ def test_console_marks_give_exit_code_and_seconds_per_group():
                                          "no-loss": (124, 900.0)}
 
 
+DOCTOR_61 = {"ok": True, "kernel": "6.1.0-57-amd64",
+             "features": {"tcx": False, "redirect_peer": True, "devmap_lookup": True, "run_time_stats": True},
+             "path": {"hook": "clsact", "from_vm": "peer"},
+             "checks": [{"name": "tcx links", "ok": False, "detail": "no", "fix": "", "required": False}]}
+
+
 def test_collect_reads_junit_doctor_and_facts_and_flags_unfinished_groups(tmp_path):
     (tmp_path / "datapath.xml").write_text(JUNIT)
-    (tmp_path / "doctor.json").write_text('{"features": {"hook": "clsact"}}')
-    (tmp_path / "facts.json").write_text('{"uname": "6.1.0-50-amd64", "bcc": "0.26.0"}')
+    (tmp_path / "doctor.json").write_text(json.dumps(DOCTOR_61))
+    (tmp_path / "facts.json").write_text('{"uname": "6.1.0-57-amd64", "bcc": "0.26.0"}')
     groups = kernels.SELECTIONS["full"]
     result = results.collect("6.1", tmp_path, ["TCB-MATRIX group-end datapath 1 9000"], [g.name for g in groups],
                              accel="tcg")
-    assert result.kernel == "6.1.0-50-amd64" and result.accel == "tcg"
-    assert result.doctor == {"features": {"hook": "clsact"}}
+    assert result.kernel == "6.1.0-57-amd64" and result.accel == "tcg"
+    assert result.doctor == DOCTOR_61 and result.doctor_problems == []
     datapath, explicit = result.groups[0], result.groups[1]
     assert (datapath.rc, datapath.count("passed"), datapath.count("failed")) == (1, 1, 1) and not datapath.ok
     assert explicit.rc is None and "did not finish" in explicit.summary
     assert not result.ok
     assert json.loads(json.dumps(result.to_json()))["groups"][0]["ok"] is False
-    assert results.hook_path(result.doctor) == "clsact"
+    assert (results.path_text(result), results.features_text(result)) == (
+        "clsact, peer", "redirect_peer, devmap_lookup, run_time_stats; no tcx")
 
 
-def test_plain_doctor_text_is_kept_when_json_is_missing(tmp_path):
+def test_a_doctor_without_json_is_a_problem_with_its_last_words(tmp_path):
     (tmp_path / "doctor.json").write_text("")
-    (tmp_path / "doctor.txt").write_text("ok  bpffs  mounted on /sys/fs/bpf\n")
-    assert results.read_doctor(tmp_path) == "ok  bpffs  mounted on /sys/fs/bpf"
+    (tmp_path / "doctor.err").write_text("Traceback (most recent call last):\nAttributeError: boom\n")
+    doctor, error = results.read_doctor(tmp_path)
+    assert doctor is None and "AttributeError: boom" in error
+    r = results.KernelResult("6.1", kernel="6.1.0-57-amd64", doctor=doctor, doctor_error=error,
+                             groups=(results.GroupResult("datapath", 0, 1.0, results.parse_junit(JUNIT)[:1]),))
+    assert not r.ok and r.doctor_problems == [f"doctor printed no JSON: {error}"]
+
+
+def test_a_probe_that_disagrees_with_the_release_or_a_failed_check_fails_the_kernel():
+    ok_group = (results.GroupResult("datapath", 0, 1.0, results.parse_junit(JUNIT)[:1]),)
+    good = results.KernelResult("6.1", kernel="6.1.0-57-amd64", doctor=DOCTOR_61, groups=ok_group)
+    assert good.ok
+    wrong = {**DOCTOR_61, "features": {**DOCTOR_61["features"], "tcx": True}, "path": {"hook": "tcx",
+                                                                                         "from_vm": "peer"}}
+    r = results.KernelResult("6.1", kernel="6.1.0-57-amd64", doctor=wrong, groups=ok_group)
+    assert not r.ok and r.doctor_problems == [
+        "doctor found tcx present; Linux 6.6+ has it",
+        "doctor chose {'hook': 'tcx', 'from_vm': 'peer'}, not {'hook': 'clsact', 'from_vm': 'peer'}"]
+    failed = {**DOCTOR_61, "checks": [{"name": "verifier", "ok": False, "detail": "refused", "required": True}]}
+    r = results.KernelResult("6.1", kernel="6.1.0-57-amd64", doctor=failed, groups=ok_group)
+    assert r.doctor_problems == ["doctor: verifier: refused"]
+
+
+def test_skips_are_counted_with_their_reason_in_the_table():
+    xml = JUNIT.replace('message="needs two CPUs"', 'message="no tcx: this kernel has none"')
+    g = results.GroupResult("explicit", 1, 1.0, results.parse_junit(xml))
+    assert results.tests_text(g) == "explicit: 1 passed, 1 failed, 1 error, 1 skipped (no tcx)"
 
 
 def test_report_table_has_one_row_per_kernel_and_lists_failures():
     ok = results.GroupResult("datapath", 0, 90.0, results.parse_junit(JUNIT)[:1])
     bad = results.GroupResult("explicit", 1, 200.0, results.parse_junit(JUNIT)[1:2])
-    runs = [results.KernelResult("6.1", kernel="6.1.0-50-amd64", accel="tcg", boot_seconds=14, groups=(ok,)),
-            results.KernelResult("5.10", kernel="5.10.0-30-amd64", accel="tcg", groups=(ok, bad))]
+    doctor_510 = {**DOCTOR_61, "kernel": "5.10.0-46-amd64"}
+    runs = [results.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", boot_seconds=14, doctor=DOCTOR_61,
+                                 groups=(ok,)),
+            results.KernelResult("5.10", kernel="5.10.0-46-amd64", accel="tcg", doctor=doctor_510, groups=(ok, bad))]
     table = results.markdown_table(runs).splitlines()
     assert len(table) == 4
-    assert "| 6.1 (6.1.0-50-amd64) |" in table[2] and "| pass |" in table[2]
+    assert table[2].startswith("| 6.1 (6.1.0-57-amd64) | clsact, peer | redirect_peer, devmap_lookup, "
+                               "run_time_stats; no tcx | datapath: 1 passed | pass |")
     assert "FAIL: explicit 1 failed" in table[3]
     assert results.failures(runs) == [
         "5.10 tests/datapath/test_verdicts.py::test_b[x]: failed: "
@@ -221,11 +285,11 @@ def test_unknown_kernel_or_selection_is_refused(tmp_path):
 
 def test_a_result_survives_its_json_and_the_report_reads_it_back(tmp_path, capsys):
     cases = results.parse_junit(JUNIT)
-    result = results.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", doctor={"hook": "clsact"},
+    result = results.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", doctor=DOCTOR_61,
                                   groups=(results.GroupResult("datapath", 1, 12.5, cases),))
     path = tmp_path / "result.json"
     path.write_text(json.dumps(result.to_json()))
     assert results.KernelResult.from_json(json.loads(path.read_text())) == result
     assert kernels.main(["--report", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "| 6.1 (6.1.0-57-amd64) | clsact |" in out and "test_b[x]: failed" in out
+    assert "| 6.1 (6.1.0-57-amd64) | clsact, peer |" in out and "test_b[x]: failed" in out
