@@ -537,18 +537,22 @@ def _kvm_boots(image: str, initrd: str) -> bool:
         console.close()
 
 
-def choose_accel(accel: str, kernel: GuestKernel, initrd: Path) -> str:
+def pick_accel(requested: str, kvm_boots_here) -> str:
     """"kvm" or "tcg". "auto" (overridable with TCBYPASS_GUEST_ACCEL) uses
-    KVM only when /dev/kvm works and a probe boot gets through."""
-    if accel == "auto":
-        accel = os.environ.get("TCBYPASS_GUEST_ACCEL", "auto")
-    if accel in ("kvm", "tcg"):
-        return accel
-    if accel != "auto":
-        raise GuestError(f"unknown accelerator {accel!r}", hint="use auto, kvm or tcg")
-    if kvm_device_usable() and _kvm_boots(str(kernel.image), str(initrd)):
-        return "kvm"
-    return "tcg"
+    KVM only when /dev/kvm works and `kvm_boots_here()`, a probe boot, gets
+    through."""
+    if requested == "auto":
+        requested = os.environ.get("TCBYPASS_GUEST_ACCEL", "auto")
+    if requested in ("kvm", "tcg"):
+        return requested
+    if requested != "auto":
+        raise GuestError(f"unknown accelerator {requested!r}", hint="use auto, kvm or tcg")
+    return "kvm" if kvm_device_usable() and kvm_boots_here() else "tcg"
+
+
+def choose_accel(accel: str, kernel: GuestKernel, initrd: Path) -> str:
+    """pick_accel for this guest's kernel and initrd."""
+    return pick_accel(accel, lambda: _kvm_boots(str(kernel.image), str(initrd)))
 
 
 def _machine_args(memory: int, cpus: int = 1) -> list[str]:

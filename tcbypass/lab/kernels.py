@@ -37,7 +37,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import TcbError
-from .guest import QEMU, _Child, _Console, kvm_device_usable
+from .guest import QEMU, _Child, _Console, pick_accel
 from .kernel_image import (BOOTED_MARKER, DEFAULT_CACHE_DIR, EXIT_MARKER, GUEST_INIT, GUEST_PACKAGES, GUEST_VENV,
                            SHARE_MOUNT, SHARE_TAG, Image, ImageRecipe, KernelTarget, ensure_image,
                            requirements_from_pyproject)
@@ -278,14 +277,8 @@ def kvm_boots(vmlinuz: str, first_output: float = 4.0, total: float = 20.0) -> b
 
 
 def choose_accel(requested: str, image: Image) -> str:
-    """"kvm" or "tcg"; "auto" (or $TCBYPASS_GUEST_ACCEL) picks KVM only when it boots."""
-    if requested == "auto":
-        requested = os.environ.get("TCBYPASS_GUEST_ACCEL", "auto")
-    if requested in ("kvm", "tcg"):
-        return requested
-    if requested != "auto":
-        raise MatrixError(f"unknown accelerator {requested!r}", hint="use auto, kvm or tcg")
-    return "kvm" if kvm_device_usable() and kvm_boots(str(image.vmlinuz)) else "tcg"
+    """"kvm" or "tcg" for this image (guest.pick_accel)."""
+    return pick_accel(requested, lambda: kvm_boots(str(image.vmlinuz)))
 
 
 # --- one kernel ------------------------------------------------------------------------
