@@ -243,8 +243,10 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, const struct tc
  * peer, a frame skips the host side's receive path, where eth_type_trans()
  * would have set its packet type from its destination MAC. Older kernels
  * keep the type the tap gave it, so we set the right one here (*pkt_type);
- * since Linux 6.15 the kernel makes every peer-redirected frame PACKET_HOST
- * itself (TCB_F_KERNEL_TYPES, probed: then setting it is a wasted call).
+ * since Linux 6.15 (and stable kernels that took the change, such as
+ * Debian 12's 6.1.0-57) the peer redirect scrubs the frame, which makes it
+ * PACKET_HOST whatever we set (TCB_F_KERNEL_TYPES, probed by doing it: then
+ * setting it is a wasted call).
  * PACKET_HOST for everything is harmless where the host side is a switch
  * port (OVS's kernel datapath, a bridge: TCB_F_PEER_ALL), which takes every
  * frame whatever its type. A host side whose own stack sees the frames gets

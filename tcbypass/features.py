@@ -14,8 +14,10 @@ life of the process.
   run_time_stats  BPF_ENABLE_STATS works (5.8+), for live per-packet costs
   kernel_types_peer
                   a frame handed over by bpf_redirect_peer() arrives typed
-                  PACKET_HOST whatever the program set (6.15+): then the
-                  program need not set it. The one probe that moves a real
+                  PACKET_HOST whatever the program set (the helper scrubs
+                  the frame since 6.15, and in stable kernels that took the
+                  change, such as Debian 12's 6.1.0-57; the release says
+                  nothing, so we ask): then the program need not set it. The one probe that moves a real
                   frame: two private network namespaces, two veth pairs and a
                   four-instruction program, about 0.2 s, so its answer is kept
                   in /run/tcbypass/features.json for the boot.

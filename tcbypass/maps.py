@@ -44,7 +44,7 @@ class Reason(enum.IntEnum):
 F_DHCP_TO_BRIDGE = 0x1  # leave DHCPv4 to the in-pod server
 F_PEER = 0x2  # from the VM by bpf_redirect_peer(): frames for the host side's own MAC
 F_PEER_ALL = 0x4  # ... every frame (the host side is a switch port)
-F_KERNEL_TYPES = 0x8  # the kernel makes peer-redirected frames PACKET_HOST itself (6.15+)
+F_KERNEL_TYPES = 0x8  # the kernel makes peer-redirected frames PACKET_HOST itself (6.15+, and stable kernels with the fix)
 TYPE_BY_KERNEL = 0xFF  # TCB_TEST: the packet type was left to the kernel
 
 # TC verdicts (uapi/linux/pkt_cls.h) the program may return, as the u32

@@ -303,7 +303,7 @@ def test_from_vm_frame_for_another_host_crosses_the_veth_when_the_host_stack_see
 
 @pytest.mark.parametrize("flags", [F_PEER, F_PEER | F_PEER_ALL], ids=["peer-host", "peer"])
 def test_where_the_kernel_types_peer_frames_the_program_leaves_the_type_alone(dp, flags):
-    """F_KERNEL_TYPES (probed: Linux 6.15+ makes every peer-redirected frame
+    """F_KERNEL_TYPES (probed: Linux 6.15+ and patched stable kernels make every peer-redirected frame
     PACKET_HOST): the same redirect, without the call that sets the type."""
     dp.wire(flags=F_DHCP_TO_BRIDGE | F_KERNEL_TYPES | flags)
     dp.from_vm(frame_for_the_host_side()).expect_peer_redirect(to=dp.pod.nic, pkt_type=TYPE_BY_KERNEL)
