@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import build, features
 from .. import vmi as vmis
 from ..model import Status
 from .sandbox import Sandbox, ping, sh, tcp_transfer
@@ -31,6 +32,7 @@ class DemoReport:
     ovsdb_url: str
     node_netns: str
     attach_ms: float = 0.0
+    compiled: bool = False  # the attach compiled the program (no cached object yet)
     ping_sent: int = 0
     ping_received: int = 0
     tcp_bytes: int = 0
@@ -86,6 +88,7 @@ def run(keep: bool = False, step: Callable[[str], None] = lambda _: None) -> Dem
         report.latency_bridge_us = _qperf_tcp_lat(sb, nic.vm_ns, server_ns)
 
         step(f"tcbypass attach {VMI} -n {NAMESPACE}")
+        report.compiled = build.cached(build.Build(no_peer=not features.probe().redirect_peer)) is None
         started = time.monotonic()
         vmis.attach_vmi(VMI, NAMESPACE, settings)
         report.attach_ms = (time.monotonic() - started) * 1000
