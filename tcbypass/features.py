@@ -43,7 +43,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass
 
-from . import bpfsys
+from . import bpfsys, netns
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,6 @@ def _probe_tcx() -> bool:
         os.close(fd)
 
 
-CLONE_NEWNET = 0x40000000
 ETH_P_PROBE = 0x88B5  # IEEE 802 local experimental ethertype
 CACHE = "/run/tcbypass/features.json"
 
@@ -132,10 +131,10 @@ def _probe_kernel_types_peer(tcx: bool) -> bool:
     from pyroute2 import IPRoute
 
     found: list = []
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = netns.libc()
 
     def enter_new() -> int:
-        if libc.unshare(CLONE_NEWNET) != 0:
+        if libc.unshare(netns.CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -146,20 +145,20 @@ def _probe_kernel_types_peer(tcx: bool) -> bool:
             held.append(fd_x)
             fd_y = enter_new()
             held.append(fd_y)
-            libc.setns(fd_x, CLONE_NEWNET)
+            libc.setns(fd_x, netns.CLONE_NEWNET)
             with IPRoute() as ipr:
                 ipr.link("add", ifname="d1", kind="veth", peer="d2")
                 ipr.link("add", ifname="x0", kind="veth", peer={"ifname": "y0", "net_ns_fd": fd_y})
                 index = {name: ipr.link_lookup(ifname=name)[0] for name in ("d1", "d2", "x0")}
                 for name in index:
                     ipr.link("set", index=index[name], state="up")
-            libc.setns(fd_y, CLONE_NEWNET)
+            libc.setns(fd_y, netns.CLONE_NEWNET)
             with IPRoute() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="y0")[0], state="up")
             capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_PROBE))
             held.append(capture)
             capture.bind(("y0", 0))
-            libc.setns(fd_x, CLONE_NEWNET)
+            libc.setns(fd_x, netns.CLONE_NEWNET)
             code = (_insn(0xB7, dst=1, imm=index["x0"]) + _insn(0xB7, dst=2)
                     + _insn(0x85, imm=BPF_FUNC_REDIRECT_PEER) + _insn(0x95))  # return bpf_redirect_peer(x0, 0)
             prog = bpfsys.prog_load("tcb_probe_type", code)

@@ -89,8 +89,6 @@ def open_netns(path: str) -> IPRoute:
 
     try:
         fd = netns.run_in(path, make)
-    except NetnsError:
-        raise
     except OSError as exc:
         raise NetnsError(f"cannot open network namespace {path} ({exc.strerror})",
                          hint="is the pod still running?") from None

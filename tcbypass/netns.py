@@ -81,7 +81,8 @@ def resolve(spec: str) -> NetnsRef:
     return ref
 
 
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """The C library, for setns(2) and unshare(2); errno kept for ctypes.get_errno()."""
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -98,7 +99,7 @@ def run_in(path: str, fn: Callable[[], T]) -> T:
                                       hint="is the pod still running?"))
             return
         try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
+            if libc().setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 failure.append(NetnsError(f"{path} is not a network namespace we can enter ({os.strerror(err)})",
                                           hint="pass /var/run/netns/NAME or /proc/PID/ns/net, as root"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 
 from . import attachments, health, bindings, netdev, netns, ovsdb, podnet
@@ -66,13 +65,9 @@ def _host_links(settings: Settings, names: list[str]) -> dict[str, netdev.Link]:
 def _readable(vmi: str, path: str) -> None:
     """Raise when the pod's namespace is there but we may not open it (another
     process's /proc/PID/ns/net without CAP_SYS_PTRACE): that is not a gone pod."""
-    try:
-        os.stat(path)
-    except PermissionError as exc:
-        raise NetnsError(f"cannot open the pod network namespace of {vmi} ({path}): {exc.strerror}",
-                         hint="opening another process's /proc/PID/ns/net needs CAP_SYS_PTRACE") from None
-    except OSError:
-        pass
+    if netns.forbidden(path):
+        raise NetnsError(f"cannot open the pod network namespace of {vmi} ({path}): Permission denied",
+                         hint="opening another process's /proc/PID/ns/net needs CAP_SYS_PTRACE")
 
 
 def survey(ports: list[ovsdb.Port], settings: Settings,

@@ -669,6 +669,13 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    def log_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+
     fig, (first, left, right) = plt.subplots(1, 3, figsize=(16, 4.5))
     points = report.get("build", {}).get("checkpoints", [])
     if points:
@@ -680,13 +687,7 @@ def plot(report: dict, path: str) -> None:
             low = [p - c[key]["min"] * scale_to_ms for p, c in zip(p50, points)]
             high = [c[key]["max"] * scale_to_ms - p for p, c in zip(p50, points)]
             first.errorbar(xs, p50, yerr=[low, high], marker="o", ms=4, capsize=2, color=colour, label=label)
-        first.set_yscale("log")
-        first.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        first.set_xlabel("N: VM pods on the node")
-        first.set_ylabel("ms (median, min–max)")
-        first.set_title("one more VMI, against pods on the node")
-        first.grid(True, which="both", alpha=0.3)
-        first.legend(fontsize=7)
+        log_panel(first, "N: VM pods on the node", "ms (median, min–max)", "one more VMI, against pods on the node")
     if report.get("cli"):
         ys = report["cli"]["attach_samples_s"]
         left.plot(range(1, len(ys) + 1), [y * 1000 for y in ys], ".", ms=3, color="tab:blue",
@@ -697,13 +698,8 @@ def plot(report: dict, path: str) -> None:
         ys = report["inproc"]["attach_vmi_samples_ms"]
         left.plot(range(1, len(ys) + 1), ys, ".", ms=3, color="tab:green", alpha=0.6,
                   label="vmi.attach_vmi (in process, with discovery)")
-    left.set_yscale("log")
-    left.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    left.set_xlabel("attachments on the node, this one included (all pods present)")
-    left.set_ylabel("ms")
-    left.set_title("each attach of a phase, against attachments present")
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=7)
+    log_panel(left, "attachments on the node, this one included (all pods present)", "ms",
+              "each attach of a phase, against attachments present")
     if report.get("agent"):
         ts = report["agent"]["timeline_s"]
         right.step(ts, range(1, len(ts) + 1), where="post", color="tab:purple")
