@@ -124,6 +124,21 @@ class VmNic:
     vm_dev: str = "eth0"
 
 
+def stop_all(procs: list, grace: float) -> None:
+    """Terminate the processes still running, wait `grace` seconds for each,
+    kill those that stay, and empty the list."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    procs.clear()
+
+
 @dataclass
 class Sandbox:
     """A node with a private OVS, pods wired like Kube-OVN and KubeVirt. Use `with`."""
@@ -151,16 +166,7 @@ class Sandbox:
         self.close()
 
     def close(self) -> None:
-        for child in self._children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self._children:
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        self._children.clear()
+        stop_all(self._children, grace=5)
         for pid in reversed(self._pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

@@ -18,7 +18,7 @@ import subprocess
 import time
 from typing import Sequence
 
-from .sandbox import sh
+from .sandbox import sh, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +116,7 @@ class Servers:
         raise ToolError(f"qperf/iperf3 servers did not start in {peer_ns}")
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
+        stop_all(self.procs, grace=3)
 
 
 def _client(cmd: list[str], timeout: float) -> str | None:
