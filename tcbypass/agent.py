@@ -13,6 +13,16 @@ VMI whose port rows are gone is detached. Pods that are not bypassable
 (ordinary pods, masquerade) are remembered and looked at again only when
 their devices change.
 
+Nothing a pod does ends the loop. A pod, device or namespace that vanishes
+at any step is "already gone" (pods end that way every day). Any other
+exception is a bug: it is logged with its traceback once per kind and
+place, counted (tcbypass_agent_unexpected_errors_total), and that VMI is
+retried with backoff while the agent goes on serving the others. OVSDB
+going away is logged once when it goes and once when it is back
+(tcbypass_agent_ovsdb_up says which); meanwhile the fast path keeps
+running and link events are still served, and the monitor's initial state
+after the reconnect catches up with every pod plugged or deleted meanwhile.
+
 SIGTERM/SIGINT stop the loop and leave the datapath as it is (the programs
 and pins stay and keep carrying traffic), or detach everything the agent
 manages with `detach_on_exit`.
@@ -27,6 +37,7 @@ import select
 import signal
 import socket
 import time
+import traceback
 from dataclasses import dataclass, field
 
 from . import attachments, build, features, health, netns, nodeview, ovsdb
@@ -45,8 +56,12 @@ class AgentStats:
     reconciles: int = 0
     attaches: int = 0
     detaches: int = 0
-    failures: int = 0
+    failures: int = 0  # attaches and detaches that failed for a reason we know (retried)
+    gone: int = 0  # VMIs whose pod vanished under a reconcile (the normal end of a pod)
+    unexpected: int = 0  # exceptions nothing expected: bugs (logged, retried)
     ovsdb_connects: int = 0
+    ovsdb_up: bool = False
+    ovsdb_down_since: float | None = None  # time.monotonic() when it went away
     last_reaction_ms: dict = field(default_factory=dict)  # vmi key -> ms from first event to attached
 
 
@@ -86,6 +101,7 @@ class Agent:
         self._backoff: dict[tuple[str, str], float] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wakeup_fd_set = False
+        self._tracebacks_logged: set[tuple[str, str]] = set()  # (exception type, where) already logged in full
 
     # --- lifecycle -------------------------------------------------------------
     def stop(self, *_args) -> None:
@@ -109,18 +125,47 @@ class Agent:
             while not self._stop:
                 try:
                     with ovsdb.Connection(self.settings.url, self.settings.ovsdb_timeout) as conn:
-                        self.stats.ovsdb_connects += 1
-                        log.info("connected to OVSDB at %s", self.settings.url)
-                        self._serve(conn)
+                        self._ovsdb_is_up()
                         delay = RETRY[0]
+                        self._serve(conn)
                 except OvsdbError as exc:
-                    if self._stop:
-                        break
-                    log.warning("OVSDB: %s; retrying in %.1f s", exc.message, delay)
-                    self._sleep(delay)
+                    self._ovsdb_is_down(exc.message, delay)
+                except Exception as exc:  # a bug in serving the connection: reconnect, never exit
+                    self._unexpected("the OVSDB session", exc)
+                if not self._stop:
+                    self._serve_links_for(delay)
                     delay = min(delay * 2, RETRY[1])
         finally:
             self._shutdown()
+
+    def _ovsdb_is_up(self) -> None:
+        self.stats.ovsdb_connects += 1
+        if self.stats.ovsdb_down_since is not None:
+            log.warning("OVSDB at %s is back after %.1f s; catching up", self.settings.url,
+                        time.monotonic() - self.stats.ovsdb_down_since)
+        else:
+            log.info("connected to OVSDB at %s", self.settings.url)
+        self.stats.ovsdb_up, self.stats.ovsdb_down_since = True, None
+
+    def _ovsdb_is_down(self, why: str, delay: float) -> None:
+        """Say so once, when it goes; the retries are silent (tcbypass_agent_ovsdb_up says it)."""
+        if self._stop:
+            return
+        if self.stats.ovsdb_down_since is None:
+            self.stats.ovsdb_down_since = time.monotonic()
+            log.warning("OVSDB: %s; the fast path keeps running, retrying with backoff (up to %.0f s apart)",
+                        why, RETRY[1])
+        else:
+            log.debug("OVSDB still away (%s); next try in %.1f s", why, delay)
+        self.stats.ovsdb_up = False
+
+    def _serve_links_for(self, seconds: float) -> None:
+        """Wait before reconnecting to OVSDB, serving link events and retries
+        meanwhile (from the port rows the monitor last showed): a VM that
+        restarts while OVSDB is away is still refreshed."""
+        deadline = time.monotonic() + seconds
+        while not self._stop and (left := deadline - time.monotonic()) > 0:
+            self._turn(None, left)
 
     def _warm_up(self) -> None:
         """Have the program's compiled object ready before the first VM comes:
@@ -180,17 +225,24 @@ class Agent:
         self._collect_orphans()
 
         while not self._stop:
-            self._reconcile_due()
-            timeout = self._next_deadline()
-            ready = _wait_readable([conn.fileno(), self._wake_r, *self._watch.values()], timeout)
-            for fd in ready:
-                if fd == conn.fileno():
-                    self._drain_ovsdb(conn)
-                elif fd == self._wake_r:
-                    with contextlib.suppress(OSError):
-                        os.read(self._wake_r, 64)
-                else:
-                    self._link_event(fd)
+            self._turn(conn, None)
+
+    def _turn(self, conn: ovsdb.Connection | None, limit: float | None) -> None:
+        """Reconcile what is due, then wait (at most `limit` seconds) for the next
+        OVSDB update (when connected), link event, retry or stop, and take it."""
+        self._reconcile_due()
+        timeout = self._next_deadline()
+        if limit is not None:
+            timeout = limit if timeout is None else min(timeout, limit)
+        readers = [self._wake_r, *self._watch.values(), *([conn.fileno()] if conn is not None else [])]
+        for ready in _wait_readable(readers, timeout):
+            if conn is not None and ready == conn.fileno():
+                self._drain_ovsdb(conn)
+            elif ready == self._wake_r:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 64)
+            else:
+                self._link_event(ready)
 
     def _drain_ovsdb(self, conn: ovsdb.Connection) -> None:
         msg = conn.receive(timeout=self.settings.ovsdb_timeout)
@@ -263,31 +315,41 @@ class Agent:
 
     # --- reconciling one VMI ----------------------------------------------------------
     def _reconcile(self, key: tuple[str, str], since: float) -> None:
-        namespace, name = key
         self.stats.reconciles += 1
-        has_rows = any((p.pod_namespace, p.pod_name) == key for p in self._ports.values())
-        if not has_rows:
-            for record in detach_vmi(name, namespace):
-                self.stats.detaches += 1
-                log.info("%s/%s: pod gone, detached %s", namespace, name, record.name)
+        try:
+            self._reconcile_vmi(key, since)
+        except Exception as exc:  # never ends the loop: the other pods are still served
+            self._unexpected(f"{key[0]}/{key[1]}", exc)
+            self._retry_later(key)
+
+    def _reconcile_vmi(self, key: tuple[str, str], since: float) -> None:
+        namespace, name = key
+        if not self._rows_of(key):
+            try:
+                self._detach(key, "pod gone")
+            except TcbError as exc:
+                self.stats.failures += 1
+                log.warning("%s/%s: detach failed (%s); retrying", namespace, name, exc)
+                self._retry_later(key)
             return
         try:
-            result = attach_vmi(name, namespace, self.settings, managed_by="agent")
+            result = attach_vmi(name, namespace, self.settings, managed_by="agent", ports=self._rows_of(key))
         except (NotBypassableError, UnknownVmiError) as exc:
             # An ordinary pod, or a VM not plugged yet: wait for its devices to change.
             log.debug("%s/%s: not bypassed: %s", namespace, name, exc)
-            for record in detach_vmi(name, namespace):
-                self.stats.detaches += 1
-                log.info("%s/%s: no longer bypassable, detached %s", namespace, name, record.name)
-            return
-        except NetnsError as exc:
-            log.debug("%s/%s: %s", namespace, name, exc)
+            self._detach(key, "no longer bypassable")
             return
         except TcbError as exc:
+            if self._pod_gone(key):
+                # Deleted while we attached: the attach undid itself; the row's removal will come.
+                self.stats.gone += 1
+                log.debug("%s/%s: the pod went while it was being attached (%s)", namespace, name, exc)
+                return
+            if isinstance(exc, NetnsError):
+                log.debug("%s/%s: %s", namespace, name, exc)
+                return
             self.stats.failures += 1
-            delay = min(self._backoff.get(key, RETRY[0] / 2) * 2, RETRY[1])
-            self._backoff[key] = delay
-            self._retry_at[key] = time.monotonic() + delay
+            delay = self._retry_later(key)
             log.warning("%s/%s: attach failed (%s); the bridge still carries it; retrying in %.1f s",
                         namespace, name, exc, delay)
             return
@@ -303,6 +365,49 @@ class Agent:
             log.info("%s/%s: %s is no longer bypassable, detached", namespace, name, record.name)
         for plan in result.skipped:
             log.debug("%s/%s %s: %s", namespace, name, plan.label, plan.recognition.line())
+
+    def _rows_of(self, key: tuple[str, str]) -> list[ovsdb.Port]:
+        return [p for p in self._ports.values() if (p.pod_namespace, p.pod_name) == key]
+
+    def _pod_gone(self, key: tuple[str, str]) -> bool:
+        """Did the VMI's pod go away: every namespace its rows name, or its rows
+        themselves? The monitor's news of a deletion may still be on its way,
+        so OVSDB is asked afresh (only ever after a failed attach)."""
+        rows = self._rows_of(key)
+        if not rows or all(netns.identity_of(p.pod_netns) is None for p in rows):
+            return True
+        with contextlib.suppress(OvsdbError):
+            return not ovsdb.kubeovn_ports(self.settings.url, self.settings.ovsdb_timeout,
+                                           pod_namespace=key[0], pod_name=key[1])
+        return False
+
+    def _detach(self, key: tuple[str, str], why: str) -> None:
+        namespace, name = key
+        for record in detach_vmi(name, namespace):
+            self.stats.detaches += 1
+            log.info("%s/%s: %s, detached %s", namespace, name, why, record.name)
+        self._backoff.pop(key, None)
+
+    def _retry_later(self, key: tuple[str, str]) -> float:
+        delay = min(self._backoff.get(key, RETRY[0] / 2) * 2, RETRY[1])
+        self._backoff[key] = delay
+        self._retry_at[key] = time.monotonic() + delay
+        return delay
+
+    def _unexpected(self, what: str, exc: Exception) -> None:
+        """Count a bug and log it: with its traceback the first time this kind
+        of exception comes from this place, in one line after that."""
+        self.stats.unexpected += 1
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        signature = (type(exc).__name__, where)
+        if signature in self._tracebacks_logged:
+            log.error("%s: unexpected %s at %s again: %s (traceback logged before); going on",
+                      what, type(exc).__name__, where, exc)
+            return
+        self._tracebacks_logged.add(signature)
+        log.error("%s: unexpected %s: %s; going on with the other pods (please report this)\n%s", what,
+                  type(exc).__name__, exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
     def _collect_orphans(self) -> None:
         live = {(p.pod_namespace, p.pod_name) for p in self._ports.values()}

@@ -20,14 +20,13 @@ import errno
 import fcntl
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import bpfsys, build, features, loader, netdev, netns, tc, tcx
-from .errors import BpfError, BusyError, DeviceError, InputError, TcbError
+from . import bpfsys, build, failpoints, features, loader, netdev, netns, tc, tcx
+from .errors import BpfError, BusyError, DeviceError, InputError, NetnsError, TcbError
 from .maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, META, TAP, AttachmentMaps, Direction,
                    config_entry, parse_mac)
 from .model import AttachResult, AttachSpec, Record, pin_id
@@ -38,13 +37,6 @@ ENV_HOOK = "TCBYPASS_HOOK"  # tcx or clsact instead of the best the kernel has
 LOCK_DIR = "/run/tcbypass/locks"
 LOCK_TIMEOUT = 30.0
 STAGING = "@staging"
-
-
-def failpoint(name: str) -> None:
-    """Die here, as `kill -9` would, when $TCBYPASS_FAILPOINT names this point.
-    The reliability tests use it to prove an interrupted attach is recovered."""
-    if os.environ.get("TCBYPASS_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def pin_dir_of(name: str) -> str:
@@ -196,6 +188,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
         with netdev.open_netns(ref.path) as ipr:
             tap, nic, bridge = _devices(netdev.list_links(ipr), spec)
             host = netdev.host_side(ipr, nic)
+            failpoints.hit("devices-read", spec.name)
             mode = choose_mode(spec.from_vm, nic, host, found)
             old = read_record(pin_dir)
             if old is None and os.path.isdir(pin_dir):
@@ -264,14 +257,14 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, link_dir: str, want: Recor
     with AttachmentMaps(work_dir) as maps, loader.open_programs(work_dir) as progs:
         maps.write_record(want.to_json())  # from here on an interrupted attach can be cleaned up
         maps.set_config(config_entry(vm_mac, bridge_mac, host_mac, flags, want.tap_ifindex, want.nic_ifindex))
-        failpoint("maps-filled")
+        failpoints.hit("maps-filled", want.name)
 
         netns.run_in(ref.path, lambda: maps.set_tap(want.tap_ifindex))  # a devmap resolves in the writer's netns
         hooks = ((Direction.FROM_VM, want.tap_ifindex, progs.from_vm), (Direction.TO_VM, want.nic_ifindex, progs.to_vm))
         if want.hook == features.HOOK_TCX:
             for direction, ifindex, prog in hooks:
                 tcx.ensure(link_dir, direction, ref.path, ifindex, prog)
-                failpoint("tap-hooked")
+                failpoints.hit("tap-hooked", want.name)
             # Our tcx links run before any clsact filter: only now take off the
             # filters an earlier clsact attachment left (this version's or an older one's).
             for _, ifindex, _ in hooks:
@@ -281,7 +274,7 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, link_dir: str, want: Recor
             for (direction, ifindex, prog), name in zip(hooks, names):
                 tc.ensure_clsact(ipr, ifindex, want.netns_id)
                 tc.set_filter(ipr, ifindex, prog, name)
-                failpoint("tap-hooked")
+                failpoints.hit("tap-hooked", want.name)
             for direction in Direction:  # a switch from tcx: the filters are in, now the links go
                 tcx.remove(link_dir, direction)
         record = dataclasses.replace(want, complete=True)
@@ -326,14 +319,31 @@ def detach(name: str, remove_qdisc: bool = False) -> Record | None:
         return detach_locked(name, remove_qdisc)
 
 
+def _open_pod(record: Record | None, name: str):
+    """An rtnetlink socket in the recorded pod's namespace, or None when that
+    namespace is gone: deleted before we looked or while we opened it (the
+    pod's normal end, never an error). Once open, the socket holds the
+    namespace, so it cannot go away under the caller."""
+    if record is None or netns.identity_of(record.netns) != record.netns_id:
+        return None
+    failpoints.hit("detach-opening", name)
+    try:
+        return netdev.open_netns(record.netns)
+    except NetnsError:
+        if netns.identity_of(record.netns) == record.netns_id:
+            raise  # there, but closed to us: not gone
+        return None
+
+
 def detach_locked(name: str, remove_qdisc: bool) -> Record | None:
     pin_dir = pin_dir_of(name)
     legacy = legacy_dir(name)
     records = [(d, read_record(d)) for d in (pin_dir, pin_dir + STAGING, legacy)]
     found = next((r for _, r in records if r is not None), None)
     for directory, record in records:
-        if record is not None and netns.identity_of(record.netns) == record.netns_id:
-            with netdev.open_netns(record.netns) as ipr:
+        opened = _open_pod(record, name)
+        if opened is not None:
+            with opened as ipr:
                 _teardown(ipr, directory, record, remove_qdisc)
         else:  # the pod is gone, and its devices and qdiscs with it
             for direction in Direction:

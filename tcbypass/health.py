@@ -62,6 +62,8 @@ def status_of(name: str) -> Status | None:
     try:
         found = problems(record, pin_dir)
     except TcbError as exc:
+        if not os.path.isdir(pin_dir):
+            return None  # detached while we read it
         return Status(record, STATE_ORPHANED, (exc.message,), counters)
     return Status(record, STATE_STALE if found else STATE_ACTIVE, tuple(found), counters)
 

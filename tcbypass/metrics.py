@@ -126,11 +126,19 @@ class AttachmentCollector(Collector):
                     ("tcbypass_agent_reconciles", "VMI reconciliations run.", st.reconciles),
                     ("tcbypass_agent_attaches", "Attachments made or refreshed.", st.attaches),
                     ("tcbypass_agent_detaches", "Attachments removed.", st.detaches),
-                    ("tcbypass_agent_failures", "Failed attach attempts (retried).", st.failures),
+                    ("tcbypass_agent_failures", "Failed attach or detach attempts (retried).", st.failures),
+                    ("tcbypass_agent_pods_gone", "Pods that went away while being reconciled (not an error).",
+                     st.gone),
+                    ("tcbypass_agent_unexpected_errors", "Exceptions no code path expected (bugs: logged, the "
+                     "VMI retried, the agent goes on).", st.unexpected),
                     ("tcbypass_agent_ovsdb_connects", "OVSDB (re)connections.", st.ovsdb_connects)):
                 c = CounterMetricFamily(metric, help_text)
                 c.add_metric([], value)
                 yield c
+            up = GaugeMetricFamily("tcbypass_agent_ovsdb_up", "1 while the agent holds an OVSDB session (the fast "
+                                   "path runs either way; pods plugged meanwhile wait for it).")
+            up.add_metric([], 1.0 if st.ovsdb_up else 0.0)
+            yield up
 
 
 def registry(agent=None, statuses: Callable[[], list[Status]] = health.statuses,

@@ -112,9 +112,13 @@ def survey(ports: list[ovsdb.Port], settings: Settings,
     return out
 
 
-def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True) -> list[NicPlan]:
-    """One plan per Kube-OVN port of the VMI; raises when the VMI is unknown or its pod is gone."""
-    ports = ovsdb.kubeovn_ports(settings.url, settings.ovsdb_timeout, pod_namespace=namespace)
+def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
+             ports: list[ovsdb.Port] | None = None) -> list[NicPlan]:
+    """One plan per Kube-OVN port of the VMI; raises when the VMI is unknown or its pod is gone.
+    `ports`: the namespace's port rows, when the caller has them (the agent's OVSDB monitor);
+    read from OVSDB otherwise."""
+    if ports is None:
+        ports = ovsdb.kubeovn_ports(settings.url, settings.ovsdb_timeout, pod_namespace=namespace)
     mine = sorted((p for p in ports if p.pod_name == vmi), key=lambda p: p.iface_id)
     if not mine:
         known = sorted({p.pod_name for p in ports if p.pod_name})
@@ -130,15 +134,16 @@ def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool 
 
 
 def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
-               managed_by: str = "cli", hook: str = "", from_vm: str = "") -> VmiResult:
+               managed_by: str = "cli", hook: str = "", from_vm: str = "",
+               ports: list[ovsdb.Port] | None = None) -> VmiResult:
     """Attach every bridge-bound NIC of the VMI (all or nothing); `managed_by` is recorded for status,
-    `hook` and `from_vm` as in AttachSpec ("" lets the kernel's features decide).
+    `hook` and `from_vm` as in AttachSpec ("" lets the kernel's features decide), `ports` as for discover.
 
     Returns with nothing attached when every NIC uses a healthy binding that
     has no bridge to bypass; raises NotBypassableError when no NIC can be
     bypassed and some NIC is not ready or wired in a way tcbypass does not know.
     """
-    plans = discover(vmi, namespace, settings, dhcp_to_bridge)
+    plans = discover(vmi, namespace, settings, dhcp_to_bridge, ports)
     good = [p for p in plans if p.ok]
     skipped = tuple(p for p in plans if not p.ok)
     if not good and not all(p.healthy for p in plans):

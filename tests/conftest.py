@@ -18,7 +18,10 @@ import time
 import pytest
 
 from tcbypass import attachments, bpfsys, features, health, loader, netns
+from tcbypass.lab.agentproc import AgentProcess
 from tcbypass.lab.sandbox import NETNS_DIR, Sandbox, sh
+
+AGENT_BOUND = 15.0  # seconds: only a hung agent takes this long
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -39,6 +42,22 @@ def pins(containing: str = "") -> set[str]:
         return {p for p in os.listdir(loader.PIN_ROOT) if containing in p}
     except FileNotFoundError:
         return set()
+
+
+class RunningAgent(AgentProcess):
+    """`tcbypass agent` on a sandbox node, up (metrics served) when made; waits fail the test."""
+
+    def __init__(self, sb: Sandbox, *extra: str, env: dict | None = None, log_name: str = "agent.log"):
+        super().__init__(sb.ovsdb_url, sb.netns_path(sb.node), f"{sb.run_dir}/{log_name}", *extra, env=env)
+        self.wait_for(lambda: self.metrics_text() is not None, "metrics endpoint up")
+
+    def wait_for(self, predicate, what: str = "", bound: float = AGENT_BOUND) -> float:
+        took = super().wait_for(predicate, bound)
+        if took is None:
+            assert self.alive(), f"agent exited ({self.proc.returncode}) while waiting for {what}; log: " \
+                                 f"{self.log_path}:\n{self.log_text()[-3000:]}"
+            pytest.fail(f"agent did not get to: {what} within {bound} s; log: {self.log_path}")
+        return took
 
 
 # --- hooks and kernels without tcx ----------------------------------------------------

@@ -401,6 +401,28 @@ class Sandbox:
         sh("ip", "link", "set", nic.tap, "master", nic.bridge, netns=p)
         sh("ip", "link", "set", nic.tap, "up", netns=p)
 
+    def delete_pod(self, nics: list[VmNic], netns_first: bool = False) -> None:
+        """What a pod deletion does on the node: Kube-OVN's CNI DEL takes the
+        pod's ports out of br-int and deletes their host veths (kube-ovn
+        pkg/daemon/ovs_linux.go, deleteNic), then the runtime deletes the
+        pod's namespace. `netns_first`: the namespace goes first (a runtime
+        that tears down before the CNI is called, or a crashed CNI)."""
+        def unplug() -> None:
+            if self.ovs:
+                self.vsctl(*[a for nic in nics for a in ("--", "--if-exists", "del-port", self.bridge,
+                                                          nic.host_port)][1:])
+            for nic in nics:
+                sh("ip", "link", "del", nic.host_port, netns=self.node, check=False)
+
+        def remove_namespaces() -> None:
+            for name in dict.fromkeys(n for nic in nics for n in (nic.pod_ns, nic.vm_ns) if n):
+                if name in self.netns_names:
+                    sh("ip", "netns", "delete", name, check=False)
+                    self.netns_names.remove(name)
+
+        for step in ((remove_namespaces, unplug) if netns_first else (unplug, remove_namespaces)):
+            step()
+
     def block_bridge_unicast(self, nic: VmNic) -> None:
         """Make the bridge unable to forward unicast between its ports:
         no learning, no unknown-unicast flooding, FDB flushed. Broadcast

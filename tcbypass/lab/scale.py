@@ -39,14 +39,9 @@ import ctypes
 import errno
 import json
 import os
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -54,6 +49,7 @@ from .. import attachments, bpfsys, build, health, loader, netns, vmi
 from ..errors import TcbError
 from ..maps import META, PROG_FROM_VM, PROG_TO_VM
 from ..model import STATE_ACTIVE, pin_id
+from .agentproc import AgentProcess, cli_command, cpu_seconds_of, memory_of
 from .results import percentile, rnd
 from .sandbox import Sandbox, ping
 
@@ -232,76 +228,11 @@ def leftovers(names: Sequence[str], prints: Sequence[Footprint], wait: float = 5
 
 # --- processes -------------------------------------------------------------------------------
 
-def cli_command() -> list[str]:
-    """How a node hook runs tcbypass: the console script next to this Python, else -m."""
-    script = os.path.join(os.path.dirname(sys.executable), "tcbypass")
-    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "tcbypass"]
-
-
 def _timed_cli(*args: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess]:
     started = time.monotonic()
     proc = subprocess.run(cli_command() + list(args), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     return time.monotonic() - started, proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds_of(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
-
-
-def memory_of(pid: int) -> dict:
-    """VmRSS and VmHWM of a process, in MiB."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = round(int(value.split()[0]) / 1024, 1)
-    return {"rss_mib": out.get("VmRSS"), "hwm_mib": out.get("VmHWM")}
-
-
-class Agent:
-    """`tcbypass agent` as a subprocess on the sandbox node; dies with us (pdeathsig)."""
-
-    def __init__(self, sb: Sandbox, log_path: str):
-        self.port = _free_port()
-        self.log = open(log_path, "w")
-        pdeath = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(pdeath + cli_command() + [
-            "agent", "--ovsdb", sb.ovsdb_url, "--ovs-netns", sb.netns_path(sb.node),
-            "--metrics-address", f"127.0.0.1:{self.port}"], stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=self.log)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def metrics_up(self) -> bool:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read()
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -417,7 +348,7 @@ def _check_traffic(node: Node) -> dict:
 
 def phase_agent(node: Node, plan: ScalePlan, step: Progress) -> tuple[dict, list[Footprint]]:
     step("agent: starting with every pod plugged")
-    agent = Agent(node.sb, f"{node.sb.run_dir}/agent.log")
+    agent = AgentProcess.on(node.sb)
     done: dict[str, float] = {}
     out: dict = {}
     try:
@@ -444,7 +375,7 @@ def phase_agent(node: Node, plan: ScalePlan, step: Progress) -> tuple[dict, list
         out["cpu_s_at_all_attached"] = cpu_seconds_of(agent.proc.pid)
         step("agent: idle a moment, then a metrics scrape")
         time.sleep(2)
-        out["metrics_scrape_ok"] = agent.metrics_up()
+        out["metrics_scrape_ok"] = agent.metrics_text() is not None
         out["memory"] = memory_of(agent.proc.pid)
         if plan.vm_link == "veth":
             out["traffic_through_fast_path"] = _check_traffic(node)

@@ -9,63 +9,17 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
 from tcbypass import health, vmi
 from tcbypass.lab import wirings
-from tcbypass.lab.sandbox import ping, sh, wait_for_ping
-from tests.conftest import pins
+from tcbypass.lab.sandbox import ping, wait_for_ping
+from tests.conftest import RunningAgent, pins
 
 SERVER_IP = "10.16.0.2"
-BOUND = 15.0  # seconds: only a hung agent takes this long
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningAgent:
-    def __init__(self, sb, *extra: str):
-        self.port = free_port()
-        self.log = open(f"{sb.run_dir}/agent.log", "w")
-        env = {**os.environ, "TCBYPASS_OVSDB": sb.ovsdb_url, "TCBYPASS_OVS_NETNS": sb.netns_path(sb.node)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "tcbypass", "agent", "--metrics-address",
-                                      f"127.0.0.1:{self.port}", *extra], env=env, stderr=self.log)
-        self.wait_for(lambda: self.metrics() is not None, "metrics endpoint up")
-
-    def metrics(self) -> str | None:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2).read().decode()
-        except OSError:
-            return None
-
-    def wait_for(self, predicate, what: str) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < BOUND:
-            assert self.proc.poll() is None, f"agent exited while waiting for {what}"
-            if predicate():
-                return time.monotonic() - started
-            time.sleep(0.005)
-        pytest.fail(f"agent did not get to: {what} within {BOUND} s; log: {self.log.name}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -117,19 +71,18 @@ def test_tap_recreation_is_refreshed(node, agent, capsys):
 def test_deleted_pod_is_cleaned_up(node, agent, capsys):
     [nic] = node.add_vm("vm3", ["10.16.0.7"], namespace="prod")
     agent.wait_for(lambda: state_of("vm3") == ["active"], "vm3 active")
-    node.vsctl("del-port", node.bridge, nic.host_port)  # what Kube-OVN does on pod deletion
-    sh("ip", "netns", "delete", nic.pod_ns)
-    node.netns_names.remove(nic.pod_ns)
+    node.delete_pod([nic])
     took = agent.wait_for(lambda: not pins("vm3+prod"), "vm3 pins removed")
     report(capsys, f"deleted pod cleaned up after {took * 1000:.0f} ms")
     assert health.status_of("vm3.prod") is None
 
 
 def test_ovsdb_restart_is_survived(node, agent):
+    agent.wait_for(lambda: agent.metric("tcbypass_agent_ovsdb_connects_total") == 1, "connected to OVSDB")
     node.restart_ovsdb()
     [nic] = node.add_vm("vm4", ["10.16.0.8"], namespace="prod")
     agent.wait_for(lambda: state_of("vm4") == ["active"], "vm4 active after an OVSDB restart")
-    assert "tcbypass_agent_ovsdb_connects_total 2.0" in agent.metrics()
+    assert "tcbypass_agent_ovsdb_connects_total 2.0" in agent.metrics_text()
     assert wait_for_ping(nic.vm_ns, SERVER_IP)
 
 
@@ -149,7 +102,7 @@ def test_sigterm_taken_by_another_thread_stops_the_agent_at_once(node):
     handler only once the main thread wakes up. An idle agent must still stop at once."""
     running = RunningAgent(node)
     try:
-        assert running.metrics() is not None
+        assert running.metrics_text() is not None
         time.sleep(1.0)  # past the first reconcile: the agent idles in select()
         pid = running.proc.pid
         others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
@@ -181,7 +134,7 @@ def test_metrics_endpoint_serves_the_counters(node, agent, capsys):
     [nic] = node.add_vm("vm7", ["10.16.0.11"], namespace="prod")
     agent.wait_for(lambda: state_of("vm7") == ["active"], "vm7 active")
     assert ping(nic.vm_ns, SERVER_IP, count=5) == (5, 5)
-    text = agent.metrics()
+    text = agent.metrics_text()
     lines = [line for line in text.splitlines() if line.startswith("tcbypass_redirected_packets_total")
              and 'vmi="vm7"' in line and 'direction="from_vm"' in line]
     assert len(lines) == 1 and float(lines[0].rsplit(" ", 1)[1]) >= 5
@@ -211,7 +164,7 @@ def test_metrics_count_vm_ports_by_binding_and_state(node):
         wirings.pending_vm(node, "vm11", "10.16.0.15", "prod")
         want = {("bridge", "active"): 1.0, ("masquerade", "not bypassable"): 1.0,
                 ("kube-ovn-direct", "not bypassable"): 1.0, ("pending", "not attached"): 1.0}
-        agent.wait_for(lambda: {k: v for k, v in vm_ports(agent.metrics()).items() if v} == want,
+        agent.wait_for(lambda: {k: v for k, v in vm_ports(agent.metrics_text()).items() if v} == want,
                        "tcbypass_vm_ports counting one bridge (attached), masquerade, direct and pending VM")
         assert not pins("vm9") and not pins("vm10") and not pins("vm11"), "the agent attached nothing to them"
     finally:

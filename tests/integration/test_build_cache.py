@@ -23,9 +23,9 @@ import pytest
 from tcbypass import attachments, build
 from tcbypass.lab.sandbox import wait_for_ping
 from tcbypass.model import AttachSpec
-from tests.conftest import pins, run_cli, status_json
+from tests.conftest import RunningAgent, pins, run_cli, status_json
 
-from .test_agent import RunningAgent, SERVER_IP
+from .test_agent import SERVER_IP
 
 pytestmark = pytest.mark.root
 
