@@ -297,9 +297,17 @@ static __always_inline int tcb_handle(struct __sk_buff *skb, const __u32 dir)
 #ifndef TCB_NO_PEER
 		if (dir == TCB_DIR_FROM_VM && (cfg->flags & (TCB_F_PEER | TCB_F_PEER_ALL)))
 			peer = tcb_by_peer(skb, cfg, &pkt_type);
-		if (peer)
+		if (peer) {
+			/*
+			 * Over the bridge the frame would cross the veth into the
+			 * node's namespace, and that crossing clears skb->mark
+			 * (skb_scrub_packet() across namespaces); a peer redirect
+			 * keeps it. A mark set in the pod must not reach the node,
+			 * where OVS's kernel datapath matches on it (skb_mark).
+			 */
+			skb->mark = 0;
 			ret = bpf_redirect_peer(target, 0);
-		else
+		} else
 #endif
 			ret = bpf_redirect(target, 0);
 #ifdef TCB_TEST

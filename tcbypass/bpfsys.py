@@ -206,21 +206,25 @@ class TestRun:
     retval: int
     data_out: bytes
     duration_ns: int
+    mark: int = 0  # skb->mark when the program returned
 
 
-def prog_test_run(prog_fd: int, frame: bytes, ifindex: int = 0, repeat: int = 1) -> TestRun:
-    """Run a SCHED_CLS program on `frame` as if it arrived on `ifindex`.
+def prog_test_run(prog_fd: int, frame: bytes, ifindex: int = 0, repeat: int = 1, mark: int = 0) -> TestRun:
+    """Run a SCHED_CLS program on `frame` as if it arrived on `ifindex` carrying `mark`.
 
     The device must exist in the calling thread's network namespace.
     """
     data_in = ctypes.create_string_buffer(frame, len(frame))
     data_out = ctypes.create_string_buffer(len(frame) + 256)
-    ctx = SkBuffCtx(ifindex=ifindex)
+    ctx = SkBuffCtx(ifindex=ifindex, mark=mark)
+    ctx_out = ctypes.create_string_buffer(1024)  # the kernel writes its whole struct __sk_buff back
     attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame), data_size_out=len(data_out),
                         data_in=_addr(data_in), data_out=_addr(data_out), repeat=repeat,
-                        ctx_size_in=ctypes.sizeof(ctx), ctx_in=_addr(ctx))
+                        ctx_size_in=ctypes.sizeof(ctx), ctx_in=_addr(ctx),
+                        ctx_size_out=len(ctx_out), ctx_out=_addr(ctx_out))
     _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
-    return TestRun(attr.retval, data_out.raw[: attr.data_size_out], attr.duration)
+    returned = SkBuffCtx.from_buffer_copy(ctx_out.raw[:ctypes.sizeof(SkBuffCtx)])
+    return TestRun(attr.retval, data_out.raw[: attr.data_size_out], attr.duration, returned.mark)
 
 
 # --- pins and ids --------------------------------------------------------------

@@ -188,6 +188,7 @@ class Outcome:
     data_out: bytes
     recorded: Recorded  # tcb_test_out after the run
     delta: Counters
+    mark: int = 0  # skb->mark when the program returned
 
     @property
     def verdict(self) -> str:
@@ -261,30 +262,31 @@ class Datapath:
         programs = self.instance.programs
         return programs.from_vm if direction is Direction.FROM_VM else programs.to_vm
 
-    def run(self, direction: Direction, frame: bytes, ifindex: int, cpu: int | None = None) -> Outcome:
-        """Run the program of `direction` on `frame` arriving on `ifindex`
-        (optionally pinned to one CPU) and report what happened."""
+    def run(self, direction: Direction, frame: bytes, ifindex: int, cpu: int | None = None,
+            mark: int = 0) -> Outcome:
+        """Run the program of `direction` on `frame` arriving on `ifindex` with
+        skb->mark `mark` (optionally pinned to one CPU) and report what happened."""
         prog = self.program(direction)
 
         def body() -> bpfsys.TestRun:
             if cpu is not None:
                 os.sched_setaffinity(0, {cpu})  # this thread only
-            return bpfsys.prog_test_run(prog, frame, ifindex=ifindex)
+            return bpfsys.prog_test_run(prog, frame, ifindex=ifindex, mark=mark)
 
         self.instance.clear_recorded()
         before = self.maps.counters()
         result = self.pod.run(body)
         after = self.maps.counters()
         return Outcome(frame, direction, result.retval, result.data_out,
-                       self.instance.recorded(), counters_delta(before, after))
+                       self.instance.recorded(), counters_delta(before, after), result.mark)
 
-    def from_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None) -> Outcome:
+    def from_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None, mark: int = 0) -> Outcome:
         """tcb_from_vm on `frame`, by default as if it came in on the tap."""
-        return self.run(Direction.FROM_VM, frame, self.pod.tap if ifindex is None else ifindex, cpu)
+        return self.run(Direction.FROM_VM, frame, self.pod.tap if ifindex is None else ifindex, cpu, mark)
 
-    def to_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None) -> Outcome:
+    def to_vm(self, frame: bytes, ifindex: int | None = None, cpu: int | None = None, mark: int = 0) -> Outcome:
         """tcb_to_vm on `frame`, by default as if it came in on the NIC."""
-        return self.run(Direction.TO_VM, frame, self.pod.nic if ifindex is None else ifindex, cpu)
+        return self.run(Direction.TO_VM, frame, self.pod.nic if ifindex is None else ifindex, cpu, mark)
 
     def measure_ns_per_packet(self, direction: Direction, frame: bytes, repeat: int = 100_000) -> Measurement:
         """measure_ns_per_packet() for the program of `direction` on its own device."""

@@ -313,6 +313,28 @@ def test_where_the_kernel_types_peer_frames_the_program_leaves_the_type_alone(dp
         dp.from_vm(tcp_from_vm()).expect_redirect(to=dp.pod.nic)
 
 
+@pytest.mark.parametrize("flags", [F_PEER, F_PEER | F_PEER_ALL, F_PEER | F_PEER_ALL | F_KERNEL_TYPES],
+                         ids=["peer-host", "peer", "peer-kernel-types"])
+def test_a_mark_set_in_the_pod_does_not_go_by_peer_into_the_node(dp, flags):
+    """Over the bridge a frame crosses the veth into the node's namespace,
+    and that crossing clears skb->mark; a peer redirect would keep it, and
+    OVS's kernel datapath matches on it. So the program clears it."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | flags)
+    outcome = dp.from_vm(frame_for_the_host_side(), mark=0x42)
+    assert outcome.recorded.peer and outcome.mark == 0
+
+
+def test_what_does_not_go_by_peer_keeps_its_mark_as_over_the_bridge(dp):
+    """A plain redirect (the veth crossing clears it later, as on the bridge
+    path), a redirect to the VM (one namespace throughout, as through the
+    bridge) and a frame left to the bridge keep the mark they came with."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER)
+    plain = dp.from_vm(tcp_from_vm(), mark=0x42)
+    assert not plain.recorded.peer and plain.mark == 0x42
+    assert dp.to_vm(tcp_to_vm(), mark=0x42).mark == 0x42
+    assert dp.from_vm(dhcp_request_from_vm(), mark=0x42).mark == 0x42
+
+
 def test_to_vm_frames_never_go_by_peer(dp):
     """A tap has no peer: towards the VM it is always bpf_redirect() to the tap's egress."""
     dp.wire(flags=F_DHCP_TO_BRIDGE | F_PEER | F_PEER_ALL)
