@@ -106,6 +106,27 @@ def _features(found: features.Features) -> list[Check]:
     ]
 
 
+MEMLOCK_ENOUGH = 64 << 20  # room for a node full of attachments (about 14 KiB each) and the compiler's
+
+
+def _locked_memory() -> Check:
+    """Kernels before 5.11 charge BPF objects to RLIMIT_MEMLOCK (64 KiB by default before 5.16)."""
+    import resource
+
+    found = features.allow_locked_memory()
+    if not found.charged:
+        return Check("locked memory", True, "not charged: BPF memory goes to the memory cgroup (Linux 5.11+)")
+    shown = "unlimited" if found.unlimited else f"{found.now // 1024} KiB"
+    before = "unlimited" if found.before == resource.RLIM_INFINITY else f"{found.before // 1024} KiB"
+    ok = found.unlimited or found.now >= MEMLOCK_ENOUGH
+    return Check("locked memory", ok,
+                 f"this kernel charges BPF objects to RLIMIT_MEMLOCK; limit {before}, raised to {shown}"
+                 + (f" ({found.error})" if found.error else ""),
+                 "give tcbypass CAP_SYS_RESOURCE, or raise the hard limit it inherits: "
+                 "ulimit -l unlimited, LimitMEMLOCK=infinity in a systemd unit, or the container runtime's "
+                 "memlock ulimit")
+
+
 def _program(which: build.Build) -> Check:
     """A prepared build in the cache, or the means to compile one."""
     cached = build.cached(which)
@@ -184,6 +205,7 @@ def run() -> Report:
     found = features.probe()
     which = build.Build(no_peer=not found.redirect_peer)
     checks += _features(found)
+    checks.append(_locked_memory())
     checks.append(_program(which))
     if all(c.ok or not c.required for c in checks):
         checks += [_hook(found.best_hook), _load(which)]

@@ -12,6 +12,15 @@ life of the process.
   devmap_lookup   a SCHED_CLS program may look up a DEVMAP, the basis of the
                   no-blackhole guarantee
   run_time_stats  BPF_ENABLE_STATS works (5.8+), for live per-packet costs
+  memcg_accounting
+                  BPF objects are charged to the memory cgroup (5.11+), not to
+                  RLIMIT_MEMLOCK: 5.11 brought bpf_ktime_get_coarse_ns() in
+                  the same release, so a program that calls it loads only
+                  where memlock is no longer charged (libbpf asks the same
+                  way). Where it is, the limit is raised first (see
+                  `allow_locked_memory`): the kernel's default of 64 KiB
+                  before 5.16, or a container runtime's, lets a few
+                  attachments load and then refuses the next with EPERM.
   kernel_types_peer
                   a frame handed over by bpf_redirect_peer() arrives typed
                   PACKET_HOST whatever the program set (the helper scrubs
@@ -43,13 +52,14 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass
 
-from . import bpfsys, netns
+from . import bpfsys, netns, paths
 
 log = logging.getLogger(__name__)
 
 TC_ACT_UNSPEC = -1
 BPF_FUNC_MAP_LOOKUP_ELEM = 1
 BPF_FUNC_REDIRECT_PEER = 155
+BPF_FUNC_KTIME_GET_COARSE_NS = 160
 
 HOOK_TCX, HOOK_CLSACT = "tcx", "clsact"
 HOOKS = (HOOK_TCX, HOOK_CLSACT)
@@ -80,6 +90,55 @@ def _probe_redirect_peer() -> bool:
         return False
     os.close(fd)
     return True
+
+
+def _probe_memcg_accounting() -> bool:
+    fd = _load("tcb_probe_memcg", _insn(0x85, imm=BPF_FUNC_KTIME_GET_COARSE_NS) + _EXIT_UNSPEC)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+@dataclass(frozen=True)
+class LockedMemory:
+    """RLIMIT_MEMLOCK of this process, as kernels before 5.11 charge BPF objects to it."""
+
+    charged: bool  # does the kernel charge BPF objects to it?
+    before: int  # soft limit found (bytes; RLIM_INFINITY for none)
+    now: int  # soft limit after raising it
+    error: str = ""  # why it could not be raised further
+
+    @property
+    def unlimited(self) -> bool:
+        import resource
+
+        return self.now == resource.RLIM_INFINITY
+
+
+@functools.lru_cache(maxsize=1)
+def allow_locked_memory() -> LockedMemory:
+    """Where the kernel charges BPF objects to RLIMIT_MEMLOCK, raise it as far as
+    we may: to unlimited with CAP_SYS_RESOURCE (root has it), else the soft
+    limit up to the hard one. Once per process; where memlock is not charged
+    it is left alone."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if _probe_memcg_accounting():
+        return LockedMemory(False, soft, soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (OSError, ValueError) as exc:
+        error = f"{exc}: no CAP_SYS_RESOURCE"
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        now = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        log.warning("this kernel charges BPF objects to RLIMIT_MEMLOCK and it can only be raised to %s bytes (%s)",
+                    now, error)
+        return LockedMemory(True, soft, now, error)
+    log.info("this kernel charges BPF objects to RLIMIT_MEMLOCK: raised it from %s to unlimited", soft)
+    return LockedMemory(True, soft, resource.RLIM_INFINITY)
 
 
 def _probe_devmap_lookup() -> bool:
@@ -118,7 +177,7 @@ def _probe_tcx() -> bool:
 
 
 ETH_P_PROBE = 0x88B5  # IEEE 802 local experimental ethertype
-CACHE = "/run/tcbypass/features.json"
+CACHE = f"{paths.RUN_DIR}/features.json"
 
 
 def _probe_kernel_types_peer(tcx: bool) -> bool:
@@ -232,6 +291,7 @@ class Features:
     devmap_lookup: bool
     run_time_stats: bool
     kernel_types_peer: bool = False
+    memcg_accounting: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -243,7 +303,10 @@ class Features:
 
 @functools.lru_cache(maxsize=1)
 def probe() -> Features:
-    """Ask the kernel (needs CAP_BPF or root). Cached for the process."""
+    """Ask the kernel (needs CAP_BPF or root). Cached for the process. Raises
+    RLIMIT_MEMLOCK first where the kernel charges BPF objects to it."""
+    memlock = allow_locked_memory()
     tcx, peer = _probe_tcx(), _probe_redirect_peer()
     return Features(tcx=tcx, redirect_peer=peer, devmap_lookup=_probe_devmap_lookup(),
-                    run_time_stats=_probe_stats(), kernel_types_peer=peer and _cached_kernel_types_peer(tcx))
+                    run_time_stats=_probe_stats(), kernel_types_peer=peer and _cached_kernel_types_peer(tcx),
+                    memcg_accounting=not memlock.charged)

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from . import bpfsys, build
+from . import bpfsys, build, features
 from .errors import BpfError
 from .maps import META, META_SIZE, PROG_FROM_VM, PROG_TO_VM
 
@@ -119,6 +119,7 @@ def instantiate(obj: build.Object, pin_dir: str) -> None:
 def load_and_pin(pin_dir: str, which: build.Build) -> None:
     """Instantiate `which` in `pin_dir`, from the cache when it can. A cached
     object the kernel refuses is rebuilt once (with a log line) and retried."""
+    features.allow_locked_memory()  # before 5.11 every map and program counts against RLIMIT_MEMLOCK
     obj = build.get(which)
     try:
         instantiate(obj, pin_dir)

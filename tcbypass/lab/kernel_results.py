@@ -26,11 +26,13 @@ GROUP_MARKER = "TCB-MATRIX"
 
 # The release that brought each feature `tcbypass doctor --json` reports
 # (tcbypass/features.py probes them): tcx links (6.6), bpf_redirect_peer()
-# (5.10), devmap lookups from programs (5.1), BPF_ENABLE_STATS (5.8).
+# (5.10), devmap lookups from programs (5.1), BPF_ENABLE_STATS (5.8), BPF memory charged
+# to the memory cgroup instead of RLIMIT_MEMLOCK (5.11).
 # kernel_types_peer is not here: Linux 6.15 brought it, but stable kernels
 # took it too (Debian 12's 6.1.0-57 has it, Debian 11's 5.10.0-46 not), so
 # only the probe can tell.
-FEATURE_SINCE = {"tcx": (6, 6), "redirect_peer": (5, 10), "devmap_lookup": (5, 1), "run_time_stats": (5, 8)}
+FEATURE_SINCE = {"tcx": (6, 6), "redirect_peer": (5, 10), "devmap_lookup": (5, 1), "run_time_stats": (5, 8),
+                 "memcg_accounting": (5, 11)}
 
 
 def expected_features(kernel: str) -> dict[str, bool]:

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.root
 
 BOUND = 20.0  # seconds: only a stuck agent or container takes this long
 DOCTOR_CHECKS = ("root and capabilities", "bpffs", "run directory", "tcx links", "bpf_redirect_peer",
-                 "devmap lookup from tc", "program build", "tcx hook", "verifier")
+                 "devmap lookup from tc", "locked memory", "program build", "tcx hook", "verifier")
 
 
 def wait_for(predicate, what: str, bound: float = BOUND) -> float:

@@ -13,6 +13,9 @@ instead is the last test's subject.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tcbypass import features
@@ -184,3 +187,25 @@ def test_attach_with_tcx_is_refused_where_the_kernel_has_none(bare_node):
     assert run_cli(*args).returncode == 0
     [row] = [r for r in status_json() if r["name"] == f"t-{sb.tag}"]
     assert (row["state"], row["hook"]) == ("active", "clsact")
+
+
+def test_attach_under_a_64_kib_memlock_limit(bare_node):
+    """Kernels before 5.11 charge every BPF map and program to RLIMIT_MEMLOCK,
+    counted per user across processes, and their default limit is 64 KiB: a
+    CLI that did not raise it would fail with EPERM once a few attachments
+    hold that much. Five attachments, each by a CLI started under a 64 KiB
+    limit, must all load and carry traffic. (On 5.11+ nothing is charged, and
+    the same calls prove that nothing else stands in the way.)"""
+    sb = bare_node
+    for i in range(5):
+        [nic] = sb.add_vm(f"vm{i}", [f"10.16.{i}.5"])
+        sb.serve_on_host_port(nic, f"10.16.{i}.2")
+        args = ("attach", "--netns", sb.netns_path(nic.pod_ns), "--tap", nic.tap, "--nic", nic.nic,
+                "--mac", nic.mac, "--name", f"m{i}-{sb.tag}")
+        proc = subprocess.run(["prlimit", "--memlock=65536:65536", "--", sys.executable, "-m", "tcbypass", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"attachment {i + 1}: {proc.stderr}"
+        sb.block_bridge_unicast(nic)
+        assert ping(nic.vm_ns, f"10.16.{i}.2", count=2) == (2, 2)
+    rows = [r for r in status_json() if r["name"].endswith(sb.tag)]
+    assert sorted(r["state"] for r in rows) == ["active"] * 5

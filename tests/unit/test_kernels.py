@@ -135,17 +135,21 @@ def test_the_job_exports_the_environment_it_is_given():
     assert "TCBYPASS_TRAFFIC_SLOWDOWN" not in kernels.job_script(kernels.SELECTIONS["ci"])
 
 
-def test_guests_are_told_what_their_kernel_lacks_and_how_slow_they_are():
+def test_guests_are_told_what_their_kernel_lacks_how_slow_they_are_and_to_use_the_kernel_datapath():
+    dp = {"TCBYPASS_DATAPATH": "system"}
     assert kernels.guest_env("6.1.0-57-amd64", "tcg") == {"TCBYPASS_KERNEL_LACKS": "tcx",
-                                                         "TCBYPASS_TRAFFIC_SLOWDOWN": "20"}
-    assert kernels.guest_env("5.10.0-46-amd64", "kvm") == {"TCBYPASS_KERNEL_LACKS": "tcx"}
-    assert kernels.guest_env("6.12.95+deb12-amd64", "kvm") == {}
-    assert kernels.guest_env("5.4.0-1-amd64", "kvm") == {"TCBYPASS_KERNEL_LACKS": "tcx,redirect_peer,run_time_stats"}
+                                                         "TCBYPASS_TRAFFIC_SLOWDOWN": "20", **dp}
+    assert kernels.guest_env("5.10.0-46-amd64", "kvm") == {"TCBYPASS_KERNEL_LACKS": "tcx,memcg_accounting", **dp}
+    assert kernels.guest_env("6.12.95+deb12-amd64", "kvm") == dp
+    assert kernels.guest_env("5.4.0-1-amd64", "kvm") == {
+        "TCBYPASS_KERNEL_LACKS": "tcx,redirect_peer,run_time_stats,memcg_accounting", **dp}
 
 
 def test_features_expected_of_a_release_and_the_path_they_give():
     assert results.expected_features("6.1.0-57-amd64") == {"tcx": False, "redirect_peer": True,
-                                                           "devmap_lookup": True, "run_time_stats": True}
+                                                           "devmap_lookup": True, "run_time_stats": True,
+                                                           "memcg_accounting": True}
+    assert results.expected_features("5.10.0-46-amd64")["memcg_accounting"] is False
     assert results.expected_features("6.6.0")["tcx"] and results.expected_features("5.9.1")["redirect_peer"] is False
     assert results.expected_features("") == {}
     assert results.expected_path(results.expected_features("6.1.0-57-amd64")) == {"hook": "clsact",
@@ -205,7 +209,8 @@ def test_console_marks_give_exit_code_and_seconds_per_group():
 
 
 DOCTOR_61 = {"ok": True, "kernel": "6.1.0-57-amd64",
-             "features": {"tcx": False, "redirect_peer": True, "devmap_lookup": True, "run_time_stats": True},
+             "features": {"tcx": False, "redirect_peer": True, "devmap_lookup": True, "run_time_stats": True,
+                          "memcg_accounting": True},
              "path": {"hook": "clsact", "from_vm": "peer"},
              "checks": [{"name": "tcx links", "ok": False, "detail": "no", "fix": "", "required": False}]}
 
@@ -225,7 +230,7 @@ def test_collect_reads_junit_doctor_and_facts_and_flags_unfinished_groups(tmp_pa
     assert not result.ok
     assert json.loads(json.dumps(result.to_json()))["groups"][0]["ok"] is False
     assert (results.path_text(result), results.features_text(result)) == (
-        "clsact, peer", "redirect_peer, devmap_lookup, run_time_stats; no tcx")
+        "clsact, peer", "redirect_peer, devmap_lookup, run_time_stats, memcg_accounting; no tcx")
 
 
 def test_a_doctor_without_json_is_a_problem_with_its_last_words(tmp_path):
@@ -262,14 +267,15 @@ def test_skips_are_counted_with_their_reason_in_the_table():
 def test_report_table_has_one_row_per_kernel_and_lists_failures():
     ok = results.GroupResult("datapath", 0, 90.0, results.parse_junit(JUNIT)[:1])
     bad = results.GroupResult("explicit", 1, 200.0, results.parse_junit(JUNIT)[1:2])
-    doctor_510 = {**DOCTOR_61, "kernel": "5.10.0-46-amd64"}
+    doctor_510 = {**DOCTOR_61, "kernel": "5.10.0-46-amd64",
+                  "features": {**DOCTOR_61["features"], "memcg_accounting": False}}
     runs = [results.KernelResult("6.1", kernel="6.1.0-57-amd64", accel="tcg", boot_seconds=14, doctor=DOCTOR_61,
                                  groups=(ok,)),
             results.KernelResult("5.10", kernel="5.10.0-46-amd64", accel="tcg", doctor=doctor_510, groups=(ok, bad))]
     table = results.markdown_table(runs).splitlines()
     assert len(table) == 4
     assert table[2].startswith("| 6.1 (6.1.0-57-amd64) | clsact, peer | redirect_peer, devmap_lookup, "
-                               "run_time_stats; no tcx | datapath: 1 passed | pass |")
+                               "run_time_stats, memcg_accounting; no tcx | datapath: 1 passed | pass |")
     assert "FAIL: explicit 1 failed" in table[3]
     assert results.failures(runs) == [
         "5.10 tests/datapath/test_verdicts.py::test_b[x]: failed: "
