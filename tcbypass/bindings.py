@@ -22,6 +22,12 @@ port's device where OVS runs and a snapshot of the pod's namespace (podnet.py):
                pod or passed through to the VM
   kube-ovn-direct  the OVS port is the VM's own tap (or a vhost-user port): already direct
 
+The pod NIC is usually a veth whose host side is the OVS port. Kube-OVN up to
+1.14 could also plug an OVS internal port moved into the pod
+(pod_nic_type internal-port): no veth and no host side. Such a NIC on a
+KubeVirt bridge is bypassed too; frames from the VM then take bpf_redirect()
+to it, whose transmit enters the datapath directly.
+
 Only bridge and managedTap can be bypassed. A VM pod whose NIC has none of
 these yet is still being plugged; a pod with nothing of KubeVirt's at all is
 not a VM.
@@ -118,6 +124,8 @@ def recognise(port: Port, host: Link | None, pod: PodNet) -> Recognition:
     if port.type == "dpdk":  # Kube-OVN's representor of a VF on a DPDK smart NIC
         return Recognition(SRIOV, BY_DESIGN, f"OVS port {port.name} is the DPDK representor of a VF; "
                                              "the VM's frames never cross a pod bridge")
+    if port.type == "internal":
+        return _internal_port(port, pod)
     if port.type not in ("", "system"):
         return Recognition(UNKNOWN, UNEXPECTED, f"port {port.name} is an OVS {port.type} port, not a pod's device")
     if port.ifindex is None:
@@ -152,6 +160,39 @@ def recognise(port: Port, host: Link | None, pod: PodNet) -> Recognition:
     if bridge is not None:
         return _bridged(port, nic, bridge, pod)
     return _unbridged(port, nic, pod)
+
+
+# --- Kube-OVN's internal-port pod NIC ----------------------------------------------------------
+
+OVS_INTERNAL_KIND = "openvswitch"  # IFLA_INFO_KIND of an internal port of OVS's kernel datapath
+NIC_SUFFIX = "-nic"
+
+
+def _internal_port(port: Port, pod: PodNet) -> Recognition:
+    """An OVS internal port in the pod: its device there is the pod NIC. Kube-OVN keeps
+    its name (<id>_c) and KubeVirt may rename it <name>-nic; on the kernel datapath it is
+    an "openvswitch" device, on the userspace datapath a tap that vswitchd holds."""
+    by_index = pod.by_index()
+    candidates = {link.name: link for link in pod.links.values()
+                  if link.kind == OVS_INTERNAL_KIND or link.name == port.name
+                  or (link.kind == "tun" and link.name.endswith(NIC_SUFFIX)
+                      and by_index.get(link.master, link).name.startswith(BRIDGE_PREFIX))}
+    if not candidates:
+        return Recognition(UNKNOWN, NOT_READY, f"OVS internal port {port.name} is not in {port.pod_netns} yet "
+                                               "(Kube-OVN moves it into the pod when it plugs it)")
+    if len(candidates) > 1:
+        return Recognition(UNKNOWN, UNEXPECTED,
+                           f"{len(candidates)} OVS internal ports in the pod ({', '.join(sorted(candidates))}): "
+                           f"cannot tell which one is {port.name}")
+    nic = next(iter(candidates.values()))
+    where = f"the pod NIC {nic.name} is Kube-OVN's OVS internal port {port.name} (no veth)"
+    bridge = by_index.get(nic.master) if nic.master else None
+    if bridge is None:
+        found = _unbridged(port, nic, pod)
+        return Recognition(found.binding, found.outcome, f"{where}; {found.reason}", nic=nic.name)
+    found = _bridged(port, nic, bridge, pod)
+    return Recognition(found.binding, found.outcome, f"{found.reason}; {where}", nic=found.nic, tap=found.tap,
+                       bridge=found.bridge)
 
 
 # --- a pod NIC on a bridge: bridge or managedTap ------------------------------------------------

@@ -61,7 +61,10 @@ def _row(port: ovsdb.Port, plan: NicPlan, status: Status | None) -> PortRow:
                 binding=rec.binding, port=port.name, netns=port.pod_netns)
     if status is not None:
         if plan.ok or status.state != STATE_ACTIVE:
-            return PortRow(**base, state=status.state, reason=_attached_reason(status), attachment=status.record.name)
+            reason = _attached_reason(status)
+            if port.type == "internal":
+                reason += f"; the pod NIC is Kube-OVN's OVS internal port {port.name}"
+            return PortRow(**base, state=status.state, reason=reason, attachment=status.record.name)
         return PortRow(**base, state=STATE_STALE, attachment=status.record.name,
                        reason=f"attached, but now {rec.line()}; detach it")
     if plan.ok:

@@ -172,9 +172,45 @@ def test_vhost_user_port_is_already_direct_without_a_kernel_device():
 
 def test_ovs_port_types_kube_ovn_never_gives_a_pod_are_not_taken_for_sriov():
     port, host, pod = PODS["vm-sriov"]
-    r = recognise(dataclasses.replace(port, type="internal"), dataclasses.replace(host, kind="openvswitch"), pod)
+    r = recognise(dataclasses.replace(port, type="patch"), dataclasses.replace(host, kind="openvswitch"), pod)
     assert (r.binding, r.outcome) == (b.UNKNOWN, b.UNEXPECTED)
-    assert r.reason == f"port {port.name} is an OVS internal port, not a pod's device"
+    assert r.reason == f"port {port.name} is an OVS patch port, not a pod's device"
+
+
+def internal_port_pod(kind: str = "openvswitch", name: str = "eth0-nic"):
+    """vm-bridge as Kube-OVN's internal-port type leaves it: the pod NIC is the OVS
+    internal port itself (an "openvswitch" device, or a tap on the userspace datapath),
+    the row of type internal named <id>_c, and no host side."""
+    port, _host, pod = PODS["vm-bridge"]
+    links = dict(pod.links)
+    nic = links.pop("eth0-nic")
+    links[name] = dataclasses.replace(nic, name=name, kind=kind, peer=0, peer_netnsid=None,
+                                      tun_type="tap" if kind == "tun" else "")
+    return dataclasses.replace(port, type="internal", name="abcdef123456_c", ifindex=0), \
+        dataclasses.replace(pod, links=links)
+
+
+@pytest.mark.parametrize("kind", ["openvswitch", "tun"], ids=["kernel-datapath", "userspace-datapath"])
+def test_an_internal_port_pod_nic_on_the_kubevirt_bridge_is_bypassable(kind):
+    port, pod = internal_port_pod(kind)
+    r = recognise(port, None, pod)
+    assert (r.binding, r.outcome, r.nic, r.tap, r.bridge) == (b.BRIDGE, b.BYPASSABLE, "eth0-nic", "tap0", "k6t-eth0")
+    assert r.reason.endswith("the pod NIC eth0-nic is Kube-OVN's OVS internal port abcdef123456_c (no veth)")
+
+
+def test_an_internal_port_not_moved_into_the_pod_yet_is_not_ready():
+    port, pod = internal_port_pod()
+    pod = dataclasses.replace(pod, links={k: v for k, v in pod.links.items() if k != "eth0-nic"})
+    r = recognise(port, None, pod)
+    assert (r.binding, r.outcome) == (b.UNKNOWN, b.NOT_READY)
+
+
+def test_two_internal_ports_in_one_pod_cannot_be_told_apart():
+    port, pod = internal_port_pod()
+    extra = dataclasses.replace(pod.links["eth0-nic"], name="net1", index=99, master=0)
+    r = recognise(port, None, dataclasses.replace(pod, links={**pod.links, "net1": extra}))
+    assert (r.binding, r.outcome) == (b.UNKNOWN, b.UNEXPECTED)
+    assert "cannot tell which one is abcdef123456_c" in r.reason
 
 
 def test_a_dpdk_representor_is_sriov():
