@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import bpfsys, build, failpoints, features, loader, netdev, netns, tc, tcx
+from . import bpfsys, build, failpoints, features, loader, netdev, netns, paths, tc, tcx
 from .errors import BpfError, BusyError, DeviceError, InputError, NetnsError, TcbError
 from .maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, META, TAP, AttachmentMaps, Direction,
                    config_entry, parse_mac)
@@ -34,7 +34,7 @@ from .model import AttachResult, AttachSpec, Record, pin_id
 log = logging.getLogger(__name__)
 
 ENV_HOOK = "TCBYPASS_HOOK"  # tcx or clsact instead of the best the kernel has
-LOCK_DIR = "/run/tcbypass/locks"
+LOCK_DIR = f"{paths.RUN_DIR}/locks"
 LOCK_TIMEOUT = 30.0
 STAGING = "@staging"
 

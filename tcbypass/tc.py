@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from . import paths
 from .errors import TcError
 
 INGRESS = 0xFFFFFFF2  # ffff:fff2
@@ -54,7 +55,7 @@ def filter_name(attachment_id: str, program: str, prog_id: int) -> str:
     return f"{NAME_PREFIX}:{attachment_id}:{program}:{prog_id}"
 
 
-OWNER_DIR = "/run/tcbypass/clsact"
+OWNER_DIR = f"{paths.RUN_DIR}/clsact"
 
 
 def _owner_marker(netns_id: str, ifindex: int) -> str:

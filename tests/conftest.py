@@ -47,8 +47,10 @@ def pins(containing: str = "") -> set[str]:
 class RunningAgent(AgentProcess):
     """`tcbypass agent` on a sandbox node, up (metrics served) when made; waits fail the test."""
 
-    def __init__(self, sb: Sandbox, *extra: str, env: dict | None = None, log_name: str = "agent.log"):
-        super().__init__(sb.ovsdb_url, sb.netns_path(sb.node), f"{sb.run_dir}/{log_name}", *extra, env=env)
+    def __init__(self, sb: Sandbox, *extra: str, env: dict | None = None, log_name: str = "agent.log",
+                 command: list[str] | None = None):
+        super().__init__(sb.ovsdb_url, sb.netns_path(sb.node), f"{sb.run_dir}/{log_name}", *extra, env=env,
+                         command=command)
         self.wait_for(lambda: self.metrics_text() is not None, "metrics endpoint up")
 
     def wait_for(self, predicate, what: str = "", bound: float = AGENT_BOUND) -> float:
@@ -195,3 +197,84 @@ def ovs_node():
 def bare_node():
     """A node without OVS: the pod's veth ends in the node namespace."""
     yield from _node(ovs=False)
+
+
+# --- sockets inside namespaces ----------------------------------------------------------
+def socket_in(ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket made inside the sandbox namespace `ns` (it stays there), used from this thread."""
+    return netns.run_in(f"{NETNS_DIR}/{ns}", lambda: socket.socket(family, kind))
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def udp_delivered(src_ns: str, dst_ns: str, dst_ip: str, port: int, payloads: list[bytes],
+                  gap: float = 0.0, settle: float = 0.5) -> list[bytes]:
+    """Send each payload as one UDP datagram from `src_ns` to dst_ip:port, where a
+    socket in `dst_ns` listens; the payloads that arrived, in arrival order."""
+    family = family_of(dst_ip)
+    rx, tx = socket_in(dst_ns, family), socket_in(src_ns, family)
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        rx.bind((dst_ip, port))
+        for payload in payloads:
+            tx.sendto(payload, (dst_ip, port))
+            if gap:
+                time.sleep(gap)
+        got, deadline = [], time.monotonic() + settle + len(payloads) * 0.002
+        while time.monotonic() < deadline and len(got) < len(payloads):
+            if select.select([rx], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                got.append(rx.recv(65535))
+        return got
+    finally:
+        rx.close()
+        tx.close()
+
+
+def tcp_exchange(a_ns: str, b_ns: str, b_ip: str, nbytes: int, port: int = 19770,
+                 timeout: float = 60) -> tuple[bool, bool]:
+    """A TCP connection from `a_ns` to b_ip:port in `b_ns`; each side sends `nbytes`
+    of its own random data and reads the other's. (a->b intact, b->a intact)."""
+    import hashlib
+    import threading
+
+    family = family_of(b_ip)
+    listener, client = socket_in(b_ns, family, socket.SOCK_STREAM), socket_in(a_ns, family, socket.SOCK_STREAM)
+    data_a, data_b = os.urandom(nbytes), os.urandom(nbytes)
+    got: dict[str, bytes] = {}
+
+    def pump(sock: socket.socket, out: bytes, key: str) -> None:
+        sender = threading.Thread(target=sock.sendall, args=(out,), daemon=True)
+        sender.start()
+        chunks, left = [], nbytes
+        while left > 0:
+            chunk = sock.recv(min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        sender.join(timeout)
+        got[key] = b"".join(chunks)
+
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((b_ip, port))
+        listener.listen(1)
+        listener.settimeout(timeout)
+        client.settimeout(timeout)
+        client.connect((b_ip, port))
+        server, _ = listener.accept()
+        server.settimeout(timeout)
+        with server:
+            other = threading.Thread(target=pump, args=(server, data_b, "b"), daemon=True)
+            other.start()
+            pump(client, data_a, "a")
+            other.join(timeout)
+    except OSError:
+        return False, False
+    finally:
+        listener.close()
+        client.close()
+    digest = lambda b: hashlib.sha256(b).digest()  # noqa: E731
+    return digest(got.get("b", b"")) == digest(data_a), digest(got.get("a", b"")) == digest(data_b)

@@ -85,7 +85,7 @@ class AgentProcess:
     (a private bpffs, a failpoint) are passed through."""
 
     def __init__(self, ovsdb_url: str, ovs_netns: str, log_path: str, *extra: str, env: dict | None = None,
-                 metrics: bool = True):
+                 metrics: bool = True, command: list[str] | None = None):
         self.port = free_port() if metrics else 0
         self.log_path = log_path
         self.log = open(log_path, "a")
@@ -93,8 +93,8 @@ class AgentProcess:
         self.started = time.monotonic()
         address = f"127.0.0.1:{self.port}" if metrics else ""
         self.proc = subprocess.Popen(
-            pdeath + cli_command() + ["agent", "--ovsdb", ovsdb_url, "--ovs-netns", ovs_netns,
-                                      "--metrics-address", address, *extra],
+            pdeath + (command or cli_command()) + ["agent", "--ovsdb", ovsdb_url, "--ovs-netns", ovs_netns,
+                                                   "--metrics-address", address, *extra],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env={**os.environ, **(env or {})})
 
     @classmethod

@@ -52,6 +52,7 @@ from .guest import QEMU, _Child, _Console, pick_accel
 from .kernel_image import (BOOTED_MARKER, DEFAULT_CACHE_DIR, EXIT_MARKER, GUEST_INIT, GUEST_PACKAGES, GUEST_VENV,
                            SHARE_MOUNT, SHARE_TAG, Image, ImageRecipe, KernelTarget, ensure_image,
                            requirements_from_pyproject)
+from .ovs import ENV_DATAPATH, SYSTEM
 from .kernel_results import GROUP_MARKER, KernelResult, collect, expected_features, failures, markdown_table
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,31 @@ NO_LOSS = tuple("tests/reliability/test_no_loss.py::"
                 for hook in ("tcx", "clsact"))
 DATAPATH = TestGroup("datapath", ("tests/datapath",), 1200, "BPF_PROG_TEST_RUN: verdicts, counters, devmap fallback")
 
+# OVS's kernel datapath (the guests load openvswitch.ko; $TCBYPASS_DATAPATH=system
+# makes a missing module a failure): what Kube-OVN nodes really run.
+_AGENT = tuple(f"tests/integration/test_agent.py::{name}" for name in (
+    "test_new_vm_port_is_attached", "test_tap_recreation_is_refreshed", "test_deleted_pod_is_cleaned_up"))
+_OVS_NO_LOSS = tuple("tests/reliability/test_no_loss.py::"
+                     f"test_attach_reattach_upgrade_and_detach_under_traffic_lose_nothing[ovs-{hook}]"
+                     for hook in ("tcx", "clsact"))
+KERNEL_DATAPATH = TestGroup(
+    "kernel-datapath", ("tests/switch", "tests/integration/test_vmi.py", *_AGENT, *_OVS_NO_LOSS), 3600,
+    "OVS kernel datapath: discovery, attach, status (--all), detach; the agent; no loss; IPv4 and IPv6; "
+    "peer mode against the real receiver; OVN policy kept; both pod NIC types")
+_V, _I = "[veth-pair]", "[internal-port]"
+KERNEL_DATAPATH_CI = TestGroup(
+    "kernel-datapath", (f"tests/switch/test_attach.py::test_attach_status_and_detach_leave_the_pod_exactly_as_it_was{_V}",
+                        f"tests/switch/test_attach.py::test_attach_status_and_detach_leave_the_pod_exactly_as_it_was{_I}",
+                        f"tests/switch/test_ovn_policy.py::test_an_acl_dropping_one_udp_port_drops_it_on_the_fast_path_too{_V}",
+                        "tests/switch/test_ovn_policy.py::"
+                        f"test_a_stateful_acl_allows_replies_and_denies_new_connections_from_outside{_V}",
+                        f"tests/switch/test_receiver.py::test_tcp_with_segments_larger_than_the_mtu_arrives_intact_both_ways{_V}",
+                        f"tests/switch/test_receiver.py::test_a_mark_set_in_the_pod_reaches_the_switch_as_over_the_bridge{_V}",
+                        f"tests/switch/test_receiver.py::test_ipv6_takes_the_fast_path_both_ways{_V}",
+                        *_AGENT[:2], _OVS_NO_LOSS[1]), 1500,
+    "OVS kernel datapath: attach/status/detach for both pod NIC types, an ACL and a stateful ACL kept, "
+    "TSO segments and IPv6 intact, no mark leaked; the agent; no loss")
+
 # The one place that says what runs in a guest. Explicit attach and no-loss
 # run with each hook (tcx, clsact); on a kernel without tcx the tcx cases
 # skip, declared (see above). "ci" is what tests/kernels runs in every CI
@@ -120,7 +146,9 @@ SELECTIONS: dict[str, tuple[TestGroup, ...]] = {
                   "explicit attach/detach with real traffic between namespaces, tcx and clsact"),
         TestGroup("no-loss", NO_LOSS, 2400,
                   "attach, in-place replace, upgrade and detach under two UDP streams and a ping"),
+        KERNEL_DATAPATH,
     ),
+    "kernel-datapath": (KERNEL_DATAPATH,),
     "no-loss": (
         TestGroup("no-loss", NO_LOSS, 2400,
                   "attach, in-place replace, upgrade and detach under two UDP streams and a ping"),
@@ -133,6 +161,7 @@ SELECTIONS: dict[str, tuple[TestGroup, ...]] = {
                       "test_attach_with_tcx_is_refused_where_the_kernel_has_none")),
                   900, "explicit attach with real traffic: the fast path carries it, counters match; "
                        "tcx refused in one line where the kernel has none"),
+        KERNEL_DATAPATH_CI,
     ),
 }
 
@@ -227,9 +256,12 @@ def pack_checkout(repo: Path, dest: Path) -> int:
 
 def guest_env(kernel: str, accel: str) -> dict[str, str]:
     """What the tests in the guest are told: the features its kernel's release
-    lacks, and how much slower than this machine its CPU is."""
+    lacks, how much slower than this machine its CPU is, and that every OVS
+    there runs the kernel datapath (Debian's kernels ship openvswitch.ko: a
+    guest that cannot load it fails those tests rather than falling back)."""
     lacks = [name for name, has in expected_features(kernel).items() if not has]
     env = {"TCBYPASS_KERNEL_LACKS": ",".join(lacks)} if lacks else {}
+    env[ENV_DATAPATH] = SYSTEM
     if accel == "tcg":
         env["TCBYPASS_TRAFFIC_SLOWDOWN"] = str(TCG_TRAFFIC_SLOWDOWN)
     return env
@@ -362,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel", action="append", help=f"a kernel target (repeatable; default: "
                         f"{' '.join(DEFAULT_KERNELS)}; known: {' '.join(targets())})")
     parser.add_argument("--selection", default="full", choices=sorted(SELECTIONS))
+    parser.add_argument("--pytest", metavar="ARGS",
+                        help="run these pytest arguments (one string) as one group instead of a selection "
+                             "(development), e.g. --pytest '-s tests/integration/test_vmi.py'")
     parser.add_argument("--out", type=Path, help="results directory (default: <cache>/results/<UTC time>)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     parser.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
@@ -388,8 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path(args.cache_dir) / "results" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     try:
-        results = run_matrix(args.kernel or list(DEFAULT_KERNELS), args.selection, out, cache_dir=args.cache_dir,
-                             accel=args.accel, rebuild=args.rebuild)
+        if args.pytest:
+            SELECTIONS["adhoc"] = (TestGroup("adhoc", tuple(shlex.split(args.pytest)), 3600,
+                                             "tests named on the command line"),)
+        results = run_matrix(args.kernel or list(DEFAULT_KERNELS), "adhoc" if args.pytest else args.selection, out,
+                             cache_dir=args.cache_dir, accel=args.accel, rebuild=args.rebuild)
     except TcbError as exc:
         print(f"kernel-matrix: {exc}", file=sys.stderr)
         return exc.exit_code

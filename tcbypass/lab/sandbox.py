@@ -11,9 +11,10 @@ build on a node (see shared/KUBEVIRT.md):
 The VM side is a veth (`vm_link="veth"`), or a real tap device for a real
 guest (`vm_link="tap"`, used by the qemu tests). Every object carries a
 random tag in its name and `Sandbox.close()` removes all of them, also after
-a failure. Nothing here touches a system OVS: the private one runs its own
-ovsdb-server and ovs-vswitchd from a private run directory, inside the
-node namespace, with the userspace datapath.
+a failure. Nothing here touches a system OVS: the private one (ovs.py) runs
+its own ovsdb-server and ovs-vswitchd from a private run directory, inside
+the node namespace, on OVS's kernel datapath where openvswitch.ko loads and
+its userspace datapath elsewhere (`datapath`, $TCBYPASS_DATAPATH).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+
+from .ovs import NETDEV, PrivateOvs, choose_datapath
 
 NETNS_DIR = "/var/run/netns"
 
@@ -100,6 +103,12 @@ def mac_of(netns: str, dev: str) -> str:
     return json.loads(sh("ip", "-j", "link", "show", "dev", dev, netns=netns).stdout)[0]["address"]
 
 
+def v6_of(ip: str) -> str:
+    """The IPv6 address this lab pairs with an IPv4 one in a dual-stack pod: 10.16.0.5 -> fd00:10:16::5."""
+    a, b, _c, d = ip.split(".")
+    return f"fd00:{a}:{b}::{d}"
+
+
 def mac_for(seed: str) -> str:
     """A stable locally administered unicast MAC."""
     h = hashlib.sha256(seed.encode()).digest()
@@ -122,6 +131,9 @@ class VmNic:
     ip: str
     prefix: int = 24
     vm_dev: str = "eth0"
+    mtu: int = 1500  # the pod's MTU, which KubeVirt gives the tap
+    ip6: str = ""  # its IPv6 address in a dual-stack pod (prefix 64)
+    pod_dev: str = ""  # the pod NIC's name before KubeVirt renames it (default: the dummy's name)
 
 
 def stop_all(procs: list, grace: float) -> None:
@@ -145,11 +157,12 @@ class Sandbox:
 
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     ovs: bool = True
+    datapath: str = ""  # system | netdev | auto; "" = $TCBYPASS_DATAPATH, else auto (lab/ovs.py)
     netns_names: list = field(default_factory=list)
     run_dir: str = ""
     bridge: str = "br-int"
-    _pids: list = field(default_factory=list)
     _children: list = field(default_factory=list)  # helper processes started with spawn()
+    switch: PrivateOvs | None = None
 
     # --- lifecycle --------------------------------------------------------
     def __enter__(self) -> "Sandbox":
@@ -167,20 +180,8 @@ class Sandbox:
 
     def close(self) -> None:
         stop_all(self._children, grace=5)
-        for pid in reversed(self._pids):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in self._pids:
-            for _ in range(50):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.02)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        self._pids.clear()
+        if self.switch is not None:
+            self.switch.close()
         for name in reversed(self.netns_names):
             sh("ip", "netns", "delete", name, check=False)
         self.netns_names.clear()
@@ -223,51 +224,24 @@ class Sandbox:
     # --- private OVS --------------------------------------------------------
     @property
     def ovsdb_url(self) -> str:
-        return f"unix:{self.run_dir}/db.sock"
+        return self.switch.url
 
     def _start_ovs(self) -> None:
         self.run_dir = f"/run/tcbypass-sandbox-{self.tag}"
-        os.makedirs(self.run_dir)
-        env = {"OVS_RUNDIR": self.run_dir, "OVS_LOGDIR": self.run_dir, "OVS_DBDIR": self.run_dir}
-        db = f"{self.run_dir}/conf.db"
-        sh("ovsdb-tool", "create", db, "/usr/share/openvswitch/vswitch.ovsschema")
-        sh("ovsdb-server", db, f"--remote=punix:{self.run_dir}/db.sock", f"--pidfile={self.run_dir}/ovsdb-server.pid",
-           f"--unixctl={self.run_dir}/ovsdb-server.ctl", f"--log-file={self.run_dir}/ovsdb-server.log",
-           "--detach", "--no-chdir", env=env)
-        self._pids.append(self._pid("ovsdb-server"))
-        self.vsctl("--no-wait", "init")
-        sh("ovs-vswitchd", self.ovsdb_url, f"--pidfile={self.run_dir}/ovs-vswitchd.pid",
-           f"--unixctl={self.run_dir}/ovs-vswitchd.ctl", f"--log-file={self.run_dir}/ovs-vswitchd.log",
-           "--detach", "--no-chdir", "-vconsole:off", netns=self.node, env=env)
-        self._pids.append(self._pid("ovs-vswitchd"))
-        # No kernel module here: the userspace datapath. tcbypass does not care which.
-        self.vsctl("add-br", self.bridge, "--", "set", "bridge", self.bridge, "datapath_type=netdev")
-
-    def _pid(self, daemon: str) -> int:
-        with open(f"{self.run_dir}/{daemon}.pid") as f:
-            return int(f.read().strip())
+        self.switch = PrivateOvs(self.run_dir, self.node, choose_datapath(self.datapath), self.bridge)
+        self.datapath = self.switch.datapath
+        self.switch.start()
 
     @property
     def vswitchd_pid(self) -> int:
-        return self._pid("ovs-vswitchd")
+        return self.switch.pid("ovs-vswitchd")
 
     def vsctl(self, *args: str) -> str:
-        return sh("ovs-vsctl", f"--db={self.ovsdb_url}", "--timeout=10", *args).stdout.strip()
+        return self.switch.vsctl(*args)
 
-    def restart_ovsdb(self) -> None:
-        """Stop and start ovsdb-server on the same socket (for reconnect tests)."""
-        pid = self._pid("ovsdb-server")
-        os.kill(pid, signal.SIGTERM)
-        self._pids.remove(pid)
-        for _ in range(100):
-            if not os.path.exists(f"/proc/{pid}"):
-                break
-            time.sleep(0.02)
-        env = {"OVS_RUNDIR": self.run_dir}
-        sh("ovsdb-server", f"{self.run_dir}/conf.db", f"--remote=punix:{self.run_dir}/db.sock",
-           f"--pidfile={self.run_dir}/ovsdb-server.pid", f"--unixctl={self.run_dir}/ovsdb-server.ctl",
-           f"--log-file={self.run_dir}/ovsdb-server.log", "--detach", "--no-chdir", env=env)
-        self._pids.insert(0, self._pid("ovsdb-server"))
+    def restart_ovsdb(self, away: float = 0.0) -> None:
+        """Stop ovsdb-server and start it again on the same socket (for reconnect tests)."""
+        self.switch.restart_ovsdb(away)
 
     # --- pods ---------------------------------------------------------------
     def plug(self, pod_ns: str, pod_dev: str, pod_name: str, namespace: str, iface_id: str, ip: str,
@@ -280,35 +254,56 @@ class Sandbox:
             self.add_kubeovn_port(host, pod_ns, pod_name, namespace, iface_id, ip, pod_netns)
         return host
 
+    def plug_internal(self, pod_ns: str, mac: str, pod_name: str, namespace: str, iface_id: str, ip: str,
+                      container_id: str, suffix: str = "", pod_netns: str = "") -> str:
+        """Kube-OVN's internal-port pod NIC (pod_nic_type internal-port, Kube-OVN up to 1.14:
+        pkg/daemon/ovs_linux.go, configureNicWithInternalPort): an OVS internal port
+        <containerID[:12]>_c with the pod's external_ids, given the pod's MAC and moved into
+        the pod under its own name (renaming it would make OVS recreate it). No veth, no host
+        side. Returns the port's name."""
+        name = f"{container_id[:12 - len(suffix)]}{suffix}_c"
+        self.add_kubeovn_port(name, pod_ns, pod_name, namespace, iface_id, ip, pod_netns, kind="internal")
+        for _ in range(200):  # vswitchd creates the device
+            if sh("ip", "link", "show", name, netns=self.node, check=False).returncode == 0:
+                break
+            time.sleep(0.02)
+        sh("ip", "link", "set", name, "address", mac, "netns", pod_ns, netns=self.node)
+        return name
+
     @staticmethod
     def host_port_name(container_id: str, suffix: str = "") -> str:
         """Kube-OVN's name for the node end of a pod NIC: <containerID[:12]>_h."""
         return f"{container_id[:12 - len(suffix)]}{suffix}_h"
 
     def add_kubeovn_port(self, host: str, pod_ns: str, pod_name: str, namespace: str, iface_id: str,
-                         ip: str, pod_netns: str = "") -> None:
+                         ip: str, pod_netns: str = "", kind: str = "") -> None:
         """Put the node device `host` into br-int with the external_ids Kube-OVN writes for a pod NIC
-        (`pod_netns`: how the row names the pod's namespace, by default its file under /var/run/netns)."""
+        (`pod_netns`: how the row names the pod's namespace, by default its file under /var/run/netns;
+        `kind`: the Interface's type, "internal" for an internal port OVS creates)."""
         ids = {"iface-id": iface_id, "vendor": "kube-ovn", "pod_name": pod_name, "pod_namespace": namespace,
                "ip": ip, "pod_netns": pod_netns or self.netns_path(pod_ns)}
-        self.vsctl("--may-exist", "add-port", self.bridge, host, "--", "set", "interface", host,
-                   *[f"external_ids:{k}={json.dumps(v)}" for k, v in ids.items()])
+        self.switch.add_port(host, ids, kind)
 
-    def add_server_pod(self, name: str, ip: str, namespace: str = "default", prefix: int = 24) -> str:
-        """An ordinary pod on the same node: the VM's peer for traffic."""
+    def add_server_pod(self, name: str, ip: str, namespace: str = "default", prefix: int = 24,
+                       dual_stack: bool = False) -> str:
+        """An ordinary pod on the same node: the VM's peer for traffic (IPv6 too: v6_of(ip))."""
         ns = self.add_netns(f"srv-{name}"[:20])
         cid = secrets.token_hex(32)
-        self.plug(ns, "eth0", name, namespace, f"{name}.{namespace}", ip, cid)
+        self.plug(ns, "eth0", name, namespace, f"{name}.{namespace}", f"{ip},{v6_of(ip)}" if dual_stack else ip,
+                  cid)
         sh("ip", "link", "set", "eth0", "address", mac_for(f"{self.tag}{name}"), netns=ns)
         sh("ip", "addr", "add", f"{ip}/{prefix}", "dev", "eth0", netns=ns)
+        if dual_stack:
+            sh("ip", "-6", "addr", "add", f"{v6_of(ip)}/64", "dev", "eth0", "nodad", netns=ns)
         sh("ip", "link", "set", "eth0", "up", netns=ns)
-        if self.ovs:
+        if self.ovs and self.datapath == NETDEV:
             sh("ethtool", "-K", "eth0", "tx", "off", netns=ns, check=False)  # as Kube-OVN does on userspace OVS
         return ns
 
     def add_vm(self, vmi: str, ips: list[str], namespace: str = "default", vm_link: str = "veth",
                providers: tuple[str, ...] = (), managed_tap: bool = False,
-               netns_by_pid: bool = False) -> list[VmNic]:
+               netns_by_pid: bool = False, dual_stack: bool = False,
+               pod_nic_type: str = "veth-pair") -> list[VmNic]:
         """A virt-launcher pod with bridge binding for VMI `vmi`: one NIC per IP.
 
         The first NIC is the primary (tap0, k6t-eth0, eth0-nic, dummy eth0);
@@ -319,6 +314,9 @@ class Sandbox:
         `netns_by_pid`: Kube-OVN's rows name the pod's namespace as
         /proc/PID/ns/net of a process in it, as under runtimes that keep no
         namespace file (cri-dockerd), instead of /var/run/netns/NAME.
+        `dual_stack`: each NIC also gets the IPv6 address v6_of(its IPv4).
+        `pod_nic_type`: how Kube-OVN plugs the pod (veth-pair, or internal-port: an
+        OVS internal port moved into the pod, which KubeVirt then renames and bridges).
         """
         pod_ns = self.add_netns(f"pod-{vmi}"[:20])
         pod_netns = self.held_by_process(pod_ns) if netns_by_pid else ""
@@ -336,34 +334,56 @@ class Sandbox:
                 iface_id, suffix, vm_dev = f"{vmi}.{namespace}.{net}", f"_{i}", f"eth{i}"
             mac = mac_for(f"{self.tag}{vmi}{i}")
             nic = VmNic(iface_id=iface_id, pod_ns=pod_ns, vm_ns=vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
-                        host_port="", **names)
-            nic.host_port = self.plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ip, cid, suffix,
-                                      pod_netns)
+                        host_port="", ip6=v6_of(ip) if dual_stack else "", **names)
+            ips_id = f"{ip},{nic.ip6}" if nic.ip6 else ip
+            if pod_nic_type == "internal-port":
+                nic.host_port = nic.pod_dev = self.plug_internal(pod_ns, mac, vmi, namespace, iface_id, ips_id, cid,
+                                                                 suffix, pod_netns)
+            else:
+                nic.host_port = self.plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ips_id, cid, suffix,
+                                          pod_netns)
+                sh("ip", "link", "set", names["dummy"], "address", mac, netns=pod_ns)  # the MAC Kube-OVN allocated
             self._bridge_bind(nic, dhcp_address=None if managed_tap else f"169.254.75.1{i}/32")
             nics.append(nic)
         return nics
 
     def _bridge_bind(self, nic: VmNic, dhcp_address: str | None = "169.254.75.10/32") -> None:
-        """What virt-handler does for bridge binding (managedTap: no `dhcp_address`), inside the pod."""
+        """What virt-handler does for bridge binding (managedTap: no `dhcp_address`), inside the pod.
+
+        KubeVirt's spec, as pkg/network/setup/netpod/netpod.go (bridgeBindingSpec) builds it and
+        netpod_test.go ("setup bridge binding with IP and a static route") spells it out, applied
+        in its order: the bridge (its MAC left to the kernel; 169.254.75.1N/32 for the DHCP
+        server; tx checksumming off, as releases before 1.8 set it), the pod NIC renamed
+        <name>-nic (a port of the bridge, learning off, no addresses, the bridge's MAC copied
+        onto it), the tap (the pod's MTU), a dummy of the old name holding the pod's MAC and
+        addresses, never brought up, and net.ipv4.conf.all.arp_ignore = 1."""
         p = nic.pod_ns
-        # The CNI's interface carries the pod's MAC and IP. KubeVirt renames it,
-        # gives it a new MAC, and moves the MAC and IP to a dummy of the old name.
-        sh("ip", "link", "set", nic.dummy, "name", nic.nic, netns=p)
-        sh("ip", "link", "set", nic.nic, "address", mac_for(f"{nic.mac}-nic"), netns=p)
+        pod_dev = nic.pod_dev or nic.dummy
+        mtu = json.loads(sh("ip", "-j", "link", "show", "dev", pod_dev, netns=p).stdout)[0]["mtu"]
+        sh("ip", "link", "add", nic.bridge, "type", "bridge", netns=p)
+        sh("ethtool", "-K", nic.bridge, "tx", "off", netns=p, check=False)
+        if dhcp_address:
+            sh("ip", "addr", "add", dhcp_address, "dev", nic.bridge, netns=p)
+        sh("ip", "link", "set", nic.bridge, "up", netns=p)
+        # nmstate's Apply (pkg/network/driver/nmstate/spec.go) renames, sets the
+        # copied MAC, then the master, then addresses, then up.
+        sh("ip", "link", "set", pod_dev, "down", netns=p)
+        sh("ip", "link", "set", pod_dev, "name", nic.nic, netns=p)
+        sh("ip", "link", "set", nic.nic, "address", mac_of(p, nic.bridge), netns=p)  # CopyMacFrom
+        sh("ip", "link", "set", nic.nic, "master", nic.bridge, netns=p)
+        sh("bridge", "link", "set", "dev", nic.nic, "learning", "off", netns=p)
+        sh("ip", "addr", "flush", "dev", nic.nic, netns=p)
+        sh("ip", "link", "set", nic.nic, "up", netns=p)
+        nic.mtu = mtu
+        self._plug_vm(nic)
         # No dummy driver in every kernel: a bridge without ports holds a MAC and
         # addresses and carries nothing, which is all KubeVirt's dummy does.
         sh("ip", "link", "add", nic.dummy, "type", "bridge", netns=p)
-        sh("ip", "link", "set", nic.dummy, "address", nic.mac, netns=p)
+        sh("ip", "link", "set", nic.dummy, "address", nic.mac, "mtu", str(mtu), netns=p)
         sh("ip", "addr", "add", f"{nic.ip}/{nic.prefix}", "dev", nic.dummy, netns=p)
-        sh("ip", "link", "add", nic.bridge, "type", "bridge", netns=p)
-        if dhcp_address:
-            sh("ip", "addr", "add", dhcp_address, "dev", nic.bridge, netns=p)
-        self._plug_vm(nic)
-        sh("ip", "link", "set", nic.nic, "master", nic.bridge, netns=p)
-        sh("ip", "link", "set", nic.nic, "up", netns=p)
-        sh("bridge", "link", "set", "dev", nic.nic, "learning", "off", netns=p)
-        sh("ip", "link", "set", nic.bridge, "up", netns=p)
-        sh("ip", "link", "set", nic.dummy, "up", netns=p)
+        if nic.ip6:
+            sh("ip", "-6", "addr", "add", f"{nic.ip6}/64", "dev", nic.dummy, "nodad", netns=p)
+        sh("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1", netns=p)
 
     def serve_on_host_port(self, nic: VmNic, ip: str) -> None:
         """Without OVS: make the node end of the pod's veth the VM's peer."""
@@ -393,12 +413,14 @@ class Sandbox:
             v = nic.vm_ns
             sh("ip", "link", "set", nic.vm_dev, "address", nic.mac, netns=v)
             sh("ip", "addr", "add", f"{nic.ip}/{nic.prefix}", "dev", nic.vm_dev, netns=v)
+            if nic.ip6:
+                sh("ip", "-6", "addr", "add", f"{nic.ip6}/64", "dev", nic.vm_dev, "nodad", netns=v)
             sh("ip", "link", "set", nic.vm_dev, "up", netns=v)
-            if self.ovs:
+            if self.ovs and self.datapath == NETDEV:
                 sh("ethtool", "-K", nic.vm_dev, "tx", "off", netns=v, check=False)
         else:
             sh("ip", "tuntap", "add", "dev", nic.tap, "mode", "tap", "vnet_hdr", netns=p)
-        sh("ip", "link", "set", nic.tap, "master", nic.bridge, netns=p)
+        sh("ip", "link", "set", nic.tap, "mtu", str(nic.mtu), "master", nic.bridge, netns=p)
         sh("ip", "link", "set", nic.tap, "up", netns=p)
 
     def delete_pod(self, nics: list[VmNic], netns_first: bool = False) -> None:
@@ -409,8 +431,8 @@ class Sandbox:
         that tears down before the CNI is called, or a crashed CNI)."""
         def unplug() -> None:
             if self.ovs:
-                self.vsctl(*[a for nic in nics for a in ("--", "--if-exists", "del-port", self.bridge,
-                                                          nic.host_port)][1:])
+                for nic in nics:
+                    self.switch.del_port(nic.host_port)
             for nic in nics:
                 sh("ip", "link", "del", nic.host_port, netns=self.node, check=False)
 

@@ -1,4 +1,4 @@
-"""Measured traffic between namespaces of a sandbox: a sequence-numbered UDP
+"""Measured streams between namespaces of a sandbox: a sequence-numbered UDP
 stream and a fast ping, each run by a small process inside a namespace.
 
 Every sender sends at a fixed rate until the test says stop (`finish()`),

@@ -19,7 +19,7 @@ from tests.conftest import run_cli
 
 from .conftest import (quiet_pod, assert_one_attachment_or_none, instance_ids, links, loaded_ids, pin_entries, report,
                        status_rows, wait_until_freed)
-from .traffic import UdpFlow
+from tcbypass.lab.streams import UdpFlow
 
 pytestmark = pytest.mark.root
 

@@ -36,7 +36,7 @@ from tcbypass.lab.sandbox import sh, wait_for_ping
 from tests.conftest import require_hook
 
 from .conftest import assert_one_attachment_or_none, report
-from .traffic import PingFlow, Timeline, UdpFlow
+from tcbypass.lab.streams import PingFlow, Timeline, UdpFlow
 
 pytestmark = pytest.mark.root
 
