@@ -30,7 +30,7 @@
  * a vanished tap from becoming a blackhole (tcb_tap below); from the VM
  * the target is the pod NIC, which only goes with the whole pod.
  *
- * Build options (-D, see tcbypass/loader.py):
+ * Build options (-D, see tcbypass/build.py):
  *   TCB_TEST     record each redirect in tcb_test_out for BPF_PROG_TEST_RUN
  *   TCB_NO_PEER  leave out bpf_redirect_peer() (kernels before 5.10)
  */
@@ -65,8 +65,8 @@ enum tcb_reason {
 	TCB_PASS_MAX,
 };
 
-/* Not a pass reason: the frame takes the fast path. */
-#define TCB_REDIRECT TCB_PASS_MAX
+/* The one verdict that is not a pass reason: the frame takes the fast path. */
+#define TCB_REDIRECT 0xff
 
 /* tcb_config.flags */
 #define TCB_F_DHCP_TO_BRIDGE	0x1	/* leave DHCPv4 to the in-pod server */
@@ -114,6 +114,8 @@ BPF_ARRAY(tcb_test_out, __u32, 3);
 
 #define TCB_DHCP_SERVER_PORT	67
 #define TCB_DHCP_CLIENT_PORT	68
+#define TCB_IP_FRAG_OFFSET	0x1fff	/* iphdr.frag_off: the fragment offset's 13 bits */
+#define TCB_ETH_GROUP_BIT	0x01	/* first octet of a MAC: set for multicast and broadcast */
 
 /*
  * Two MAC addresses equal? One 4-byte and one 2-byte load each (the
@@ -151,7 +153,7 @@ static __always_inline int tcb_is_dhcp(struct __sk_buff *skb)
 	}
 	if (ip->protocol != IPPROTO_UDP)
 		return 0;
-	if (ip->frag_off & bpf_htons(0x1fff))	/* fragment offset: not the first */
+	if (ip->frag_off & bpf_htons(TCB_IP_FRAG_OFFSET))	/* not the first fragment */
 		return 0;
 	ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
@@ -188,7 +190,7 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, const struct tc
 		return TCB_PASS_UNKNOWN_DEV;
 	if ((void *)(eth + 1) > data_end)
 		return TCB_PASS_RUNT;
-	if (eth->h_dest[0] & 0x01)
+	if (eth->h_dest[0] & TCB_ETH_GROUP_BIT)
 		return TCB_PASS_MULTICAST;
 	/* The kernel has already taken an outer 802.1Q tag off into skb->vlan_*:
 	 * tagged frames are not parsed here, so they go the bridge's way. */
@@ -278,18 +280,24 @@ static __always_inline int tcb_by_peer(struct __sk_buff *skb, const struct tcb_c
 /* Count the verdict and carry it out. The only exit of both programs. */
 static __always_inline int tcb_handle(struct __sk_buff *skb, const __u32 dir)
 {
-	__u32 zero = 0, target = 0, len = skb->len, verdict = TCB_PASS_UNKNOWN_DEV;
+	__u32 zero = 0, target = 0, len = skb->len, verdict;
 	__u32 peer = 0, pkt_type = 0;
 	struct tcb_counters *counters;
 	struct tcb_config *cfg;
 	int ret = TC_ACT_UNSPEC;
 
+	/*
+	 * Entry 0 of an array map always exists: all zeroes until attach writes
+	 * it, and a zero ifindex matches no device (TCB_PASS_UNKNOWN_DEV). The
+	 * check is the verifier's due, never taken.
+	 */
 	cfg = tcb_config.lookup(&zero);
-	if (cfg)
-		verdict = tcb_classify(skb, cfg, dir, &target);
+	if (!cfg)
+		return TC_ACT_UNSPEC;
+	verdict = tcb_classify(skb, cfg, dir, &target);
 	counters = tcb_stats.lookup(&zero);
 
-	if (verdict == TCB_REDIRECT && cfg) {
+	if (verdict == TCB_REDIRECT) {
 		if (counters) {
 			counters->redirect_packets[dir] += 1;
 			counters->redirect_bytes[dir] += len;

@@ -5,12 +5,12 @@
 #   scripts/kernel-matrix.sh --kernel 6.1 --selection ci    what CI runs
 #   scripts/kernel-matrix.sh --list                   kernels and test groups
 #
-# It runs scripts/setup.sh (packages, venv), then tcbypass/lab/kernels.py,
+# It runs scripts/setup.sh (packages, venv), then lab/tcbypass_lab/kernels.py,
 # which builds each guest image once (cached under /var/cache/tcbypass/kernels),
 # boots it with qemu and runs the tests inside. Arguments go to
-# `python -m tcbypass.lab.kernels` (see --help). Exit 0 when every group
+# `tcbypass-lab kernels` (see --help). Exit 0 when every group
 # passed on every kernel.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/setup.sh" >&2
-exec "$here/.venv/bin/python" -m tcbypass.lab.kernels "$@"
+exec "$here/.venv/bin/tcbypass-lab" kernels "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Record what tcbypass reads for one VM of each KubeVirt binding, for the unit tests.
 
-Builds a sandbox (private OVS, namespaces; see tcbypass/lab/wirings.py), reads
+Builds a sandbox (private OVS, namespaces; see lab/tcbypass_lab/wirings.py), reads
 each VM port the way `status --all` does (OVSDB row, OVS-side device, deep pod
 snapshot) and writes it to tests/unit/data/binding_snapshots.json, plus the
 raw nftables expressions of the masquerade pod to nft_masquerade_rules.json.
@@ -15,8 +15,8 @@ import json
 import sys
 
 from tcbypass import netdev, nftrules, netns, ovsdb, podnet
-from tcbypass.lab import wirings
-from tcbypass.lab.sandbox import Sandbox
+from tcbypass_lab import wirings
+from tcbypass_lab.sandbox import Sandbox
 
 OUT = "tests/unit/data"
 

@@ -90,6 +90,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv --system-site-packages "$venv"
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$venv/bin/python" -m pip install -q -e "$here[test,bench]"
+# Two distributions from this checkout: the node tool (what a node's image holds) and its lab.
+"$venv/bin/python" -m pip install -q -e "$here[test]" -e "$here/lab[bench]"
 "$venv/bin/python" -c 'import bcc' || { echo "setup: the venv does not see bcc" >&2; exit 1; }
-say "ready: $venv/bin/tcbypass ($("$venv/bin/tcbypass" --version))"
+say "ready: $venv/bin/tcbypass ($("$venv/bin/tcbypass" --version)), $venv/bin/tcbypass-lab"

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 from . import attachments, build, features, health, netns, nodeview, ovsdb
 from .errors import NetnsError, NotBypassableError, OvsdbError, TcbError, UnknownVmiError
-from .vmi import Settings, attach_vmi, detach_vmi
+from .discovery import Settings
+from .vmi import attach_vmi, detach_vmi
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import bpfsys, build, failpoints, features, loader, netdev, netns, paths, tc, tcx
 from .errors import BpfError, BusyError, DeviceError, InputError, NetnsError, TcbError
 from .maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, META, TAP, AttachmentMaps, Direction,
                    config_entry, parse_mac)
-from .model import AttachResult, AttachSpec, Record, pin_id
+from .model import AttachResult, AttachSpec, Record, name_of_pin, pin_id
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _open_lock(name: str) -> int:
 
 
 @contextlib.contextmanager
-def locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+def _locked(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     """Serialise all work on one attachment across processes.
 
     Whoever holds the lock last for a name that has nothing pinned any more
@@ -183,7 +183,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
     found = features.probe()
     hook = choose_hook(spec.hook, found)
     which = build.Build(test=test_build, no_peer=not found.redirect_peer)
-    with locked(spec.name):
+    with _locked(spec.name):
         ref = netns.resolve(spec.netns)
         with netdev.open_netns(ref.path) as ipr:
             tap, nic, bridge = _devices(netdev.list_links(ipr), spec)
@@ -315,8 +315,8 @@ def detach(name: str, remove_qdisc: bool = False) -> Record | None:
     A clsact qdisc tcbypass added stays (empty) unless `remove_qdisc`: adding
     or removing a qdisc can drop frames in flight (see tc.py)."""
     loader.bpffs_ready()
-    with locked(name):
-        return detach_locked(name, remove_qdisc)
+    with _locked(name):
+        return _detach_locked(name, remove_qdisc)
 
 
 def _open_pod(record: Record | None, name: str):
@@ -335,7 +335,7 @@ def _open_pod(record: Record | None, name: str):
         return None
 
 
-def detach_locked(name: str, remove_qdisc: bool) -> Record | None:
+def _detach_locked(name: str, remove_qdisc: bool) -> Record | None:
     pin_dir = pin_dir_of(name)
     legacy = legacy_dir(name)
     records = [(d, read_record(d)) for d in (pin_dir, pin_dir + STAGING, legacy)]
@@ -357,6 +357,55 @@ def detach_locked(name: str, remove_qdisc: bool) -> Record | None:
     if existed:
         log.info("%s: detached", name)
     return found
+
+
+# --- clearing leftovers (health.gc decides what is one) ---------------------------
+
+def entry_name(entry: str) -> str:
+    """The attachment a PIN_ROOT entry belongs to (a staging directory's too)."""
+    return name_of_pin(entry.removesuffix(STAGING))
+
+
+def is_staging(entry: str) -> bool:
+    """Is this PIN_ROOT entry a new instance being put in place (or left by a killed attach)?"""
+    return entry.endswith(STAGING)
+
+
+def clear_staging(name: str, timeout: float = 0.5) -> None:
+    """Remove the staging directory a killed attach left; BusyError while an attach is under way."""
+    with _locked(name, timeout=timeout):
+        loader.remove_pins(pin_dir_of(name) + STAGING)
+
+
+def detach_if(name: str, still: Callable[[], bool], timeout: float = 0.5) -> bool:
+    """Detach `name` if `still()`, judged again under its lock (an attach may have
+    finished meanwhile); BusyError when someone holds it longer than `timeout`."""
+    with _locked(name, timeout=timeout):
+        if not still():
+            return False
+        _detach_locked(name, remove_qdisc=False)
+        return True
+
+
+def remove_defunct_links(name: str, timeout: float = 0.5) -> list[Direction]:
+    """Unpin the tcx links whose device was deleted (a restarted VM's old tap)."""
+    removed = []
+    with _locked(name, timeout=timeout):
+        for direction in Direction:
+            with contextlib.suppress(OSError):
+                if (link := tcx.read(pin_dir_of(name), direction)) is not None and link.defunct:
+                    tcx.remove(pin_dir_of(name), direction)
+                    removed.append(direction)
+    return removed
+
+
+def prune_locks(pinned: set[str]) -> None:
+    """Drop the lock files of names nothing is pinned for (a killed process's)."""
+    for lock in netns.listdir(LOCK_DIR):
+        name = name_of_pin(lock.removesuffix(".lock"))
+        if lock.endswith(".lock") and name not in pinned:
+            with contextlib.suppress(BusyError, InputError), _locked(name, timeout=0):
+                pass  # leaving the lock unlinks the file: nothing is pinned
 
 
 # --- pins of older tcbypass versions -------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # rich and the core load only when a command needs them: the 
     from rich.table import Table
 
     from .nodeview import PortRow
-    from .vmi import Settings
+    from .discovery import Settings
 
 DEFAULT_NAMESPACE = "default"
 
@@ -47,7 +48,8 @@ class App:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console() if sys.stdout.isatty() else Console(width=200)
+            # Not a terminal: $COLUMNS if set (as a terminal would say), else room for every column.
+            self._console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS") or 200))
         return self._console
 
     @property
@@ -100,7 +102,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _settings(ovsdb_url: str | None, ovs_netns: str | None) -> "Settings":
-    from .vmi import Settings
+    from .discovery import Settings
 
     return Settings(ovsdb_url=ovsdb_url or "", ovs_netns=ovs_netns or "")
 
@@ -235,10 +237,12 @@ def detach(app: App, target: str, namespace: str, remove_qdisc: bool) -> None:
 @click.option("--all", "all_ports", is_flag=True,
               help="Every Kube-OVN VM port on this node, attached or not: binding, state and why.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with stable snake_case keys.")
+@click.option("-o", "--output", type=click.Choice(["wide"]), default=None,
+              help="wide: every column and every problem (the table otherwise keeps what fits the terminal).")
 @_ovsdb_option
 @_ovs_netns_option
 @click.pass_obj
-def status(app: App, vmi: str | None, namespace: str | None, all_ports: bool, as_json: bool,
+def status(app: App, vmi: str | None, namespace: str | None, all_ports: bool, as_json: bool, output: str | None,
            ovsdb_url: str | None, ovs_netns: str | None) -> None:
     """Show attachments on this node: one row per NIC, its state and counters.
 
@@ -282,7 +286,11 @@ def status(app: App, vmi: str | None, namespace: str | None, all_ports: bool, as
     if as_json:
         click.echo(json.dumps([s.to_json() for s in rows], indent=2))
     else:
-        app.console.print(status_table(rows))
+        wide = output == "wide"
+        app.console.print(status_table(rows, app.console.width, wide))
+        if not wide:
+            for line in problem_lines(rows):
+                app.console.print(f"[yellow]![/] {line}", highlight=False, soft_wrap=True)
     if any(s.state != STATE_ACTIVE for s in rows):
         sys.exit(EXIT_DEGRADED)
 
@@ -291,29 +299,84 @@ _STATE_COLOUR = {"active": "green", "stale": "yellow", "orphaned": "red", "not a
                  "not bypassable": "dim"}
 
 
-def status_table(rows: list[Status]) -> "Table | str":
+# The columns of `status`, most important first. A terminal narrower than all of
+# them gets the first ones that fit, one line per attachment, as `kubectl get`
+# does (the first five always, cropped if they must be); `-o wide` shows them
+# all, byte counts, and each problem in the table.
+_STATUS_COLUMNS = ("VMI", "NIC (iface-id)", "state", "from VM", "to VM", "path", "tap", "pod NIC", "MAC", "netns",
+                   "passed to the bridge")
+_ALWAYS = 5
+_RIGHT = {"from VM", "to VM"}
+
+
+def _status_cells(s: Status, wide: bool) -> dict[str, str]:
+    r, c = s.record, s.counters
+    state = f"[{_STATE_COLOUR.get(s.state, 'white')}]{s.state}[/]"
+    if wide and s.problems:
+        state += "\n" + "\n".join(f"[dim]{p}[/]" for p in s.problems)
+    elif s.problems:
+        state += f" ({len(s.problems)})"
+    traffic = {d: f"{c.redirect_packets[d]} / {_bytes(c.redirect_bytes[d])}" if wide else str(c.redirect_packets[d])
+               for d in ("from_vm", "to_vm")}
+    return {"VMI": f"{r.namespace}/{r.vmi}" if r.vmi else "-", "NIC (iface-id)": r.iface_id or r.name,
+            "state": state, "from VM": traffic["from_vm"], "to VM": traffic["to_vm"],
+            "path": f"{r.hook}{chr(10) if wide else ' '}{r.from_vm}", "tap": r.tap, "pod NIC": r.nic, "MAC": r.mac,
+            "netns": r.netns,
+            "passed to the bridge": (chr(10) if wide else " ").join(f"{k} {v}" for k, v in c.passed.items() if v)
+            or "-"}
+
+
+def _widths(cells: list[dict[str, str]]) -> dict[str, int]:
+    """What each column needs to show every row on one line."""
+    from rich.text import Text
+
+    return {col: max([len(col)] + [Text.from_markup(row[col]).cell_len for row in cells]) for col in _STATUS_COLUMNS}
+
+
+def _fitting(widths: dict[str, int], width: int) -> list[str]:
+    """The leading columns that fit in `width`, one line per row (never fewer than _ALWAYS)."""
+    chosen, used = [], 4  # the table's outer edges
+    for i, col in enumerate(_STATUS_COLUMNS):
+        if i >= _ALWAYS and used + widths[col] + 3 > width:
+            break
+        chosen.append(col)
+        used += widths[col] + 3
+    return chosen
+
+
+def status_table(rows: list[Status], width: int = 200, wide: bool = False) -> "Table | str":
+    """The attachments as a table for a terminal `width` columns wide (all columns with `wide`)."""
     from rich.table import Table
 
     if not rows:
         return "No attachments. Attach one with: tcbypass attach VMI -n NAMESPACE"
+    cells = [_status_cells(s, wide) for s in rows]
+    widths = _widths(cells)
+    columns = list(_STATUS_COLUMNS) if wide else _fitting(widths, width)
+    nic = "NIC (iface-id)"
+    if not wide:  # only the names give way (cropped), never the state or a count
+        names = widths["VMI"] + widths[nic]
+        room = width - 4 - 3 * len(columns) - sum(widths[c] for c in columns if c not in ("VMI", nic))
+        if names > room:
+            widths["VMI"] = max(8, room * widths["VMI"] // names)
+            widths[nic] = max(8, room - widths["VMI"])
     table = Table(title="tcbypass attachments", title_justify="left")
-    for col in ("VMI", "NIC (iface-id)", "netns", "tap", "pod NIC", "MAC", "path", "state"):
-        table.add_column(col)
-    table.add_column("from VM\npkts / bytes", justify="right")
-    table.add_column("to VM\npkts / bytes", justify="right")
-    table.add_column("passed to the bridge\n(packets by reason)")
-    for s in rows:
-        r, c = s.record, s.counters
-        passed = "\n".join(f"{k} {v}" for k, v in c.passed.items() if v) or "-"
-        state = f"[{_STATE_COLOUR.get(s.state, 'white')}]{s.state}[/]"
-        if s.problems:
-            state += "\n" + "\n".join(f"[dim]{p}[/]" for p in s.problems)
-        table.add_row(f"{r.namespace}/{r.vmi}" if r.vmi else "-", r.iface_id or r.name, r.netns, r.tap, r.nic,
-                      r.mac, f"{r.hook}\n{r.from_vm}", state,
-                      f"{c.redirect_packets['from_vm']} / {_bytes(c.redirect_bytes['from_vm'])}",
-                      f"{c.redirect_packets['to_vm']} / {_bytes(c.redirect_bytes['to_vm'])}",
-                      passed)
+    for col in columns:
+        unit = ("pkts / bytes" if wide else "pkts") if col in _RIGHT else ""
+        table.add_column(f"{col}\n{unit}" if unit else col, justify="right" if col in _RIGHT else "left",
+                         no_wrap=not wide, overflow="fold" if wide else "ellipsis",
+                         width=None if wide else widths[col])
+    for row in cells:
+        table.add_row(*(row[col] for col in columns))
+    if not wide:
+        table.caption = "every column and problem: tcbypass status -o wide"
+        table.caption_justify = "left"
     return table
+
+
+def problem_lines(rows: list[Status]) -> list[str]:
+    """One line per problem, for the narrow table (-o wide shows them in it)."""
+    return [f"{s.record.iface_id or s.record.name}: {p}" for s in rows for p in s.problems]
 
 
 def ports_table(rows: "list[PortRow]") -> "Table | str":
@@ -376,216 +439,13 @@ def agent(app: App, ovsdb_url: str | None, ovs_netns: str | None, metrics_addres
     OVSDB restarts. On SIGTERM it exits and leaves the datapath carrying
     traffic (or detaches with --detach-on-exit). Logs to stderr.
     """
-    from .agent import Agent
-
     _require_root(app, "agent")
     logging.getLogger().setLevel(logging.DEBUG if app.debug else logging.INFO)
-    worker = Agent(_settings(ovsdb_url, ovs_netns), detach_on_exit=detach_on_exit)
-    worker.install_signal_handlers()
-    if metrics_address:
-        from . import metrics
-
-        try:
-            metrics.serve(metrics_address, metrics.registry(worker, ports_refresh=ports_refresh))
-        except (OSError, ValueError) as exc:
-            app.err.print(f"error: cannot serve metrics on {metrics_address} ({exc}); "
-                          "choose another --metrics-address", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        logging.getLogger(__name__).info("metrics on http://%s/metrics", metrics_address)
-    worker.run()
-
-
-@main.command()
-@click.option("--keep", is_flag=True, help="Leave the sandbox up for exploration (prints how to remove it).")
-@click.option("--cleanup", metavar="TAG", help="Remove a sandbox left up by --keep.")
-@click.pass_obj
-def demo(app: App, keep: bool, cleanup: str | None) -> None:
-    """Build a KubeVirt-like pod on this machine, attach the bypass, send traffic, show the result.
-
-    A private Open vSwitch (its own ovsdb-server and ovs-vswitchd, in a
-    namespace of their own), a server pod and a virt-launcher pod wired
-    like KubeVirt's bridge binding with Kube-OVN's port data. It measures
-    latency through the bridge, runs `attach`, sends traffic, measures again
-    and prints the status table. Touches nothing it did not create.
-    """
-    from .lab import demo as demo_mod
-    from .lab.sandbox import destroy
-
-    _require_root(app, "demo")
-    if cleanup:
-        _run(app, app.backend.detach, demo_mod.VMI, demo_mod.NAMESPACE)
-        removed = destroy(cleanup)
-        app.console.print(f"removed: {', '.join(removed) or 'nothing (unknown tag?)'}", highlight=False)
-        return
-    with app.console.status("building the sandbox") as spinner:
-        report = _run(app, demo_mod.run, keep, lambda text: (spinner.update(text),
-                                                                app.console.print(f"[dim]-[/] {text}")))
-    app.console.print(status_table(report.statuses))
-    row = report.statuses[0].counters if report.statuses else None
-    how = ("it compiled the program first: once per machine, then every attach loads it from the object cache"
-           if report.compiled else "the program from the object cache, no compiler")
-    app.console.print(f"attach {demo_mod.NAMESPACE}/{demo_mod.VMI}: {report.attach_ms:.0f} ms ({how})",
-                      highlight=False)
-    app.console.print(f"ping through the bypass: {report.ping_received}/{report.ping_sent} replies; "
-                      f"TCP transfer: {report.tcp_bytes} bytes arrived", highlight=False)
-    if row is not None:
-        app.console.print(f"fast path carried {row.redirect_packets['from_vm']} packets from the VM and "
-                          f"{row.redirect_packets['to_vm']} to it", highlight=False)
-    if report.latency_bridge_us and report.latency_bypass_us:
-        (bridge, bridge_spread), (bypass, bypass_spread) = report.latency_bridge_us, report.latency_bypass_us
-        saved, noise = bridge - bypass, max(bridge_spread, bypass_spread)
-        verdict = (f"{saved:.1f} µs saved" if saved > noise else
-                   f"a difference of {saved:+.1f} µs, within this sandbox's run-to-run spread of {noise:.1f} µs")
-        app.console.print(f"latency ({report.latency_tool}): bridge {bridge:.1f} µs, bypass {bypass:.1f} µs: "
-                          f"{verdict}. OVS runs its userspace datapath here, which dominates the total; "
-                          "`tcbypass bench` measures the bridge's own cost without it (docs/benchmarks.md).",
-                          highlight=False)
-    if report.kept:
-        app.console.print(f"sandbox kept: OVSDB {report.ovsdb_url}, node netns {report.node_netns}. "
-                          f"Try: tcbypass status. Remove it with: tcbypass demo --cleanup {report.sandbox_tag}",
-                          highlight=False)
-
-
-BENCH_SCENARIOS = "direct,bridge,bypass,minimal"  # lab.scenarios.DEFAULT (not imported: the CLI starts fast)
-
-
-@main.group(invoke_without_command=True, subcommand_metavar="[scale N]")
-@click.option("--quick", is_flag=True,
-              help="About 2 minutes: 4 sizes, 2 repetitions, 1-second runs. Checks the plumbing, not the "
-                   "figures (what CI runs).")
-@click.option("--reps", type=click.IntRange(1, 100), metavar="N",
-              help="Repetitions (default 6, or 2 with --quick).")
-@click.option("--scenarios", "scenario_names", metavar="A,B,...", default=BENCH_SCENARIOS, show_default=True,
-              help="Which scenarios, by name: direct, bridge, bypass, minimal, and for experiments "
-                   "bypass-clsact, bypass-redirect, minimal-clsact, minimal-redirect.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Also write the results as JSON to FILE.")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
-              help="Also draw latency against message size, next to the reference talk (needs matplotlib).")
-@click.pass_context
-def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str, json_file: str | None,
-          plot_file: str | None) -> None:
-    """Measure what the in-pod bridge costs and what the fast path wins back.
-
-    Builds the scenarios side by side in namespaces of their own and measures
-    them interleaved (the order rotates each repetition), qperf client and
-    server pinned to CPU 0: qperf latency per message size, iperf3 TCP
-    throughput and 64-byte UDP packet rate; then each program's ns/packet
-    (BPF_PROG_TEST_RUN, and in live traffic from the kernel's run-time
-    statistics), and the attach time. Removes everything it built. About
-    15 minutes (--quick: about 2).
-
-    \b
-    Scenarios:
-      direct            the VM's NIC wired straight to its peer
-      bridge            KubeVirt's bridge binding (the in-pod bridge)
-      bypass            bridge + tcbypass, attached as `tcbypass attach` does by default
-      minimal           bridge + the smallest correct program on the best hook (a reference,
-                        built by the bench itself: tcbypass/lab/minimal.c)
-      bypass-clsact, bypass-redirect, minimal-clsact, minimal-redirect
-                        the same on a clsact filter, or with plain bpf_redirect() from the VM
-
-    recovered = (bridge - x) / (bridge - direct) for every scenario x, and
-    issue 10's targets for bypass against minimal.
-
-    \b
-    Examples:
-      tcbypass bench --quick
-      tcbypass bench --json docs/benchmarks.json --plot docs/benchmarks.png
-      tcbypass bench --scenarios direct,bridge,bypass,bypass-clsact,minimal,minimal-clsact
-      tcbypass bench scale 250 --json scale.json      (see: tcbypass bench scale --help)
-    """
-    if ctx.invoked_subcommand is not None:
-        given = [flag for flag, value in (("--quick", quick), ("--reps", reps), ("--json", json_file),
-                                          ("--plot", plot_file)) if value]
-        if scenario_names != BENCH_SCENARIOS:
-            given.append("--scenarios")
-        if given:
-            raise click.UsageError(f"{', '.join(given)} belong(s) to the datapath benchmark, not to "
-                                   f"'{ctx.invoked_subcommand}': give its own options after it")
-        return
-    from .lab import bench as benchmark, report as bench_report, scenarios
-
-    app: App = ctx.obj
-    _require_root(app, "bench")
-    names = _run(app, scenarios.parse, scenario_names)
-    if plot_file and not bench_report.can_plot():
-        raise click.UsageError("--plot needs matplotlib (pip install matplotlib, the 'bench' extra)")
-    plan = benchmark.plan_for(quick=quick, reps=reps, names=names)
-    with bench_report.progress_display(app.err, plan.steps()) as progress:
-        report = _run(app, benchmark.run, plan, progress)
-    data = report.to_json()
-    bench_report.render(data, app.console)
-    if json_file:
-        _run(app, benchmark.write_json, data, json_file)
-        app.err.print(f"results: {json_file}", highlight=False)
-    if plot_file:
-        _run(app, bench_report.plot, data, plot_file)
-        app.err.print(f"plot: {plot_file}", highlight=False)
-
-
-@bench.command("scale")
-@click.argument("vms", metavar="N", type=click.IntRange(1, 2000))
-@click.option("--vm-link", type=click.Choice(["tap", "veth"]), default="tap", show_default=True,
-              help="The VM side of each pod: a tap with no process behind it (as before qemu opens it), or "
-                   "a veth into a namespace of its own (then the first and last VM are pinged through the "
-                   "fast path).")
-@click.option("--phases", default="agent,cli,inproc", show_default=True, metavar="A,B,...",
-              help="Which ways of attaching to measure: agent, cli, inproc.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Also write the results as JSON to FILE.")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
-              help="Also draw attach time against N and the agent's progress (needs matplotlib).")
-@click.pass_obj
-def bench_scale(app: App, vms: int, vm_link: str, phases: str, json_file: str | None, plot_file: str | None) -> None:
-    """A node full of VMs: build N bridge-binding VM pods on a sandbox node
-    with a private OVS, and attach them the ways a node does.
-
-    While the node fills up, at 1, 10, 25, 50, 100, ... N pods, the newest
-    VMI is attached a few times by the CLI and in process: one more VMI's
-    attach time against the pods on the node. Then, all N pods plugged:
-
-    \b
-    agent   `tcbypass agent` starts with all N pods already plugged: time
-            until all N are attached, its RSS; then `tcbypass status` with
-            N rows and the kernel memory (memlock) of each attachment
-    cli     N sequential `tcbypass attach VMI` calls, as a node hook makes
-            them: wall time p50/p90/max, Python start-up included
-    inproc  attach in this process: the attach's own time
-
-    After each phase everything is detached, and no pin, lock file,
-    program or map of the N attachments may remain. The program is compiled
-    into the object cache first (a prepared node). Building takes about 0.1 s
-    per pod at first and 0.5 s at 250 pods here: the sandbox's userspace OVS
-    slows down as ports are added (and polls them: about a quarter of a CPU
-    at 250).
-
-    \b
-    Examples:
-      tcbypass bench scale 100
-      tcbypass bench scale 250 --json scale.json --plot scale.png
-    """
-    from .lab import report as bench_report, scale
-
-    _require_root(app, "bench scale")
-    chosen = tuple(p.strip() for p in phases.split(",") if p.strip())
-    if not chosen or any(p not in ("agent", "cli", "inproc") for p in chosen):
-        raise click.UsageError("--phases takes agent, cli and inproc, separated by commas")
-    if plot_file and not bench_report.can_plot():
-        raise click.UsageError("--plot needs matplotlib (pip install matplotlib, the 'bench' extra)")
-    plan = scale.ScalePlan(vms=vms, vm_link=vm_link, phases=chosen)
-    with app.err.status("building the node") as spinner:
-        report = _run(app, scale.run, plan, lambda text: spinner.update(text))
-    scale.render(report, app.console)
-    if json_file:
-        from .lab.bench import write_json
-
-        _run(app, write_json, report, json_file)
-        app.err.print(f"results: {json_file}", highlight=False)
-    if plot_file:
-        _run(app, scale.plot, report, plot_file)
-        app.err.print(f"plot: {plot_file}", highlight=False)
-    if not all(c["pass"] for c in report["targets"] if c["target"].startswith("nothing left")):
+    try:
+        _run(app, app.backend.agent, _settings(ovsdb_url, ovs_netns), detach_on_exit, metrics_address, ports_refresh)
+    except (OSError, ValueError) as exc:
+        app.err.print(f"error: cannot serve metrics on {metrics_address} ({exc}); "
+                      "choose another --metrics-address", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
@@ -600,9 +460,7 @@ def doctor(app: App, as_json: bool) -> None:
     probed, not guessed from its version; the path is what attach will
     choose with them. Exit 1 when a required check fails.
     """
-    from .doctor import run
-
-    report = run()
+    report = _run(app, app.backend.doctor)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         sys.exit(0 if report.ok else 1)
@@ -641,11 +499,8 @@ def prepare(app: App, cache_dir: str | None) -> None:
       tcbypass prepare
       tcbypass prepare --cache-dir /image-root/var/lib/tcbypass/objects
     """
-    from pathlib import Path
 
-    from . import build
-
-    for which, path in _run(app, build.prepare, Path(cache_dir) if cache_dir else None):
+    for which, path in _run(app, app.backend.prepare, cache_dir):
         variant = "without bpf_redirect_peer (kernels before 5.10)" if which.no_peer else "default"
         click.echo(f"{path}: {variant}")
 

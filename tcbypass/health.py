@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-from . import loader, netns, tc, tcx
-from .attachments import (LOCK_DIR, STAGING, detach_locked, legacy_dir, locked, pin_dir_of, problems,
-                          read_record)
-from .errors import BpfError, BusyError, InputError, TcbError
+from . import attachments, loader, netns, tc, tcx
+from .attachments import legacy_dir, pin_dir_of, problems, read_record
+from .errors import BpfError, BusyError, TcbError
 from .maps import AttachmentMaps, Counters, Direction
 from .model import STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, Record, Status, name_of_pin
 
@@ -25,7 +24,7 @@ def names() -> list[str]:
     found = set()
     for root in (loader.PIN_ROOT, *loader.LEGACY_ROOTS):
         try:
-            found.update(name_of_pin(e) for e in os.listdir(root) if "@" not in e)  # not staging dirs
+            found.update(name_of_pin(e) for e in os.listdir(root) if not attachments.is_staging(e))
         except FileNotFoundError:
             continue
     return sorted(found)
@@ -68,12 +67,14 @@ def status_of(name: str) -> Status | None:
     return Status(record, STATE_STALE if found else STATE_ACTIVE, tuple(found), counters)
 
 
-def statuses() -> list[Status]:
+def statuses(namespace: str | None = None, vmi: str | None = None) -> list[Status]:
+    """Every attachment's status (of one Kubernetes namespace, of one VMI)."""
     if loader.bpffs_missing():
         raise BpfError(f"bpffs is not mounted on {loader.BPFFS}: no attachment can be read (programs may still "
                        "run on devices whose pins vanished with the mount)",
                        hint=f"mount it again: mount -t bpf bpf {loader.BPFFS}")
-    return [s for s in map(status_of, names()) if s is not None]
+    return [s for s in map(status_of, names()) if s is not None
+            and (namespace is None or s.record.namespace == namespace) and (vmi is None or s.record.vmi == vmi)]
 
 
 # --- garbage collection ---------------------------------------------------
@@ -106,31 +107,20 @@ def gc() -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             entries += [(root, e) for e in sorted(os.listdir(root))]
     for root, entry in entries:
-        name = name_of_pin(entry.removesuffix(STAGING))
+        name = attachments.entry_name(entry)
         try:
-            if entry.endswith(STAGING):
-                with locked(name, timeout=0.5):  # held while an attach is under way
-                    loader.remove_pins(f"{root}/{entry}")
+            if attachments.is_staging(entry):
+                attachments.clear_staging(name)  # held while an attach is under way
                 removed.append(entry)
             elif (status := status_of(name)) is not None and _leftover(status):
-                with locked(name, timeout=0.5):
-                    # Judge again under the lock: an attach may have finished meanwhile.
-                    status = status_of(name)
-                    if status is not None and _leftover(status):
-                        detach_locked(name, remove_qdisc=False)
-                        removed.append(name)
+                if attachments.detach_if(name, lambda: (again := status_of(name)) is not None and _leftover(again)):
+                    removed.append(name)
             elif root == loader.PIN_ROOT and _defunct_links(name):
-                with locked(name, timeout=0.5):
-                    for direction in _defunct_links(name):
-                        tcx.remove(pin_dir_of(name), direction)
-                        removed.append(f"{name}: defunct tcx link ({direction.name.lower()})")
+                removed += [f"{name}: defunct tcx link ({direction.name.lower()})"
+                            for direction in attachments.remove_defunct_links(name)]
         except BusyError:
             continue  # someone is working on it right now
-    for lock in netns.listdir(LOCK_DIR):  # lock files of names nothing is pinned for (a killed process's)
-        name = name_of_pin(lock.removesuffix(".lock"))
-        if lock.endswith(".lock") and name not in {name_of_pin(e.removesuffix(STAGING)) for _, e in entries}:
-            with contextlib.suppress(BusyError, InputError), locked(name, timeout=0):
-                pass  # leaving the lock unlinks the file: nothing is pinned
+    attachments.prune_locks({attachments.entry_name(e) for _, e in entries})
     if tc.forget_dead_owners(netns.live_identities()):
         removed.append("clsact ownership markers of deleted pods")
     return removed

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 from . import bpfsys, build, features
 from .errors import BpfError
-from .maps import META, META_SIZE, PROG_FROM_VM, PROG_TO_VM
+from .maps import META, META_SIZE, PIN_LAYOUT, PROG_FROM_VM, PROG_TO_VM
 
 log = logging.getLogger(__name__)
 
 # Where bpffs is mounted. Only tests point elsewhere (a private bpffs mount, to
 # prove the errors for a missing or read-only one without touching the node's).
 BPFFS = os.environ.get("TCBYPASS_BPFFS", "/sys/fs/bpf")
-PIN_VERSION = "v2"
+PIN_VERSION = PIN_LAYOUT  # one version for the pins' paths and the maps' layout (maps.py)
 PIN_ROOT = f"{BPFFS}/tcbypass/{PIN_VERSION}"
 LEGACY_ROOTS = (f"{BPFFS}/tcbypass/v1",)  # layouts older tcbypass versions pinned
 

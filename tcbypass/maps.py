@@ -60,7 +60,7 @@ CONFIG, TAP, STATS, META = "tcb_config", "tcb_tap", "tcb_stats", "tcb_meta"
 TEST_OUT = "tcb_test_out"  # TCB_TEST builds only
 PROG_FROM_VM, PROG_TO_VM = "tcb_from_vm", "tcb_to_vm"
 META_SIZE = 4096
-PIN_LAYOUT = "v2"  # bump with loader.PIN_VERSION when a map's layout changes
+PIN_LAYOUT = "v2"  # the pin layout's version, in every pin path (loader.PIN_ROOT): bump it when a map's layout changes
 
 
 class ConfigEntry(ctypes.Structure):

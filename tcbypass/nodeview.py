@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from . import bindings, health, ovsdb
-from .vmi import Settings, survey
-from .discovery import NicPlan
+from .discovery import NicPlan, Settings, survey
 from .errors import TcbError
 from .model import STATE_ACTIVE, STATE_ORPHANED, STATE_STALE, Status
 

@@ -1,4 +1,4 @@
-"""`attach <vmi>`, `detach <vmi>`, `status`: VMIs on top of attachments.
+"""`attach <vmi>`, `detach <vmi>`: VMIs on top of attachments.
 
 A VMI's NICs are discovered from Kube-OVN's port rows in OVSDB and what is
 in the pod (discovery.py, bindings.py); each bridge-bound NIC becomes one
@@ -16,23 +16,12 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from . import attachments, health, bindings, netdev, netns, ovsdb, podnet
-from .discovery import NicPlan, plan_nic
-from .errors import NetnsError, NotBypassableError, TcbError, UnknownVmiError
-from .model import AttachResult, Record, Status, check_name
+from . import attachments, bindings, health, ovsdb
+from .discovery import NicPlan, Settings, discover
+from .errors import NotBypassableError
+from .model import AttachResult, Record, check_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    ovsdb_url: str = ""  # "" means $TCBYPASS_OVSDB or the Kube-OVN default socket
-    ovs_netns: str = ""  # where OVS's ports live; "" means this process's namespace
-    ovsdb_timeout: float = ovsdb.TIMEOUT
-
-    @property
-    def url(self) -> str:
-        return self.ovsdb_url or ovsdb.default_url()
 
 
 @dataclass(frozen=True)
@@ -42,95 +31,6 @@ class VmiResult:
     attached: tuple[AttachResult, ...]
     skipped: tuple[NicPlan, ...]  # NICs that are not bypassed (with their binding and the reason)
     removed: tuple[Record, ...]  # attachments of NICs the VMI no longer has
-
-
-FEW_PORTS = 8  # up to this many, the host ports are looked up by name; more, one dump
-
-
-def _host_links(settings: Settings, names: list[str]) -> dict[str, netdev.Link]:
-    """The host ports `names` where OVS runs. A node holds a port per pod, so a
-    VMI's few are looked up by name (a dump would grow with the node)."""
-    if settings.ovs_netns:
-        opened = netdev.open_netns(netns.path_of(settings.ovs_netns))
-    else:
-        from pyroute2 import IPRoute
-
-        opened = IPRoute()
-    with opened as ipr:
-        if len(names) <= FEW_PORTS:
-            return netdev.links_named(ipr, names)
-        return netdev.list_links(ipr)
-
-
-def _readable(vmi: str, path: str) -> None:
-    """Raise when the pod's namespace is there but we may not open it (another
-    process's /proc/PID/ns/net without CAP_SYS_PTRACE): that is not a gone pod."""
-    if netns.forbidden(path):
-        raise NetnsError(f"cannot open the pod network namespace of {vmi} ({path}): Permission denied",
-                         hint="opening another process's /proc/PID/ns/net needs CAP_SYS_PTRACE")
-
-
-def survey(ports: list[ovsdb.Port], settings: Settings,
-           dhcp_to_bridge: bool = True) -> list[tuple[ovsdb.Port, NicPlan | TcbError]]:
-    """A plan for each port, or the error that kept its pod from being read.
-
-    Pods are read shallow first (devices, addresses); NAT rules, sysctls and
-    processes only for the pods whose answer depends on them.
-    """
-    host = _host_links(settings, [p.name for p in ports])
-    pods: dict[str, podnet.PodNet | TcbError] = {}
-    processes = None
-    out: list[tuple[ovsdb.Port, NicPlan | TcbError]] = []
-    for port in ports:
-        path = port.pod_netns
-        if path not in pods:
-            try:
-                if netns.identity_of(path) is None:
-                    _readable(port.pod_name or port.name, path)
-                    raise NetnsError(f"the pod network namespace of {port.pod_name or port.name} "
-                                     f"({path or 'unset'}) is gone",
-                                     hint="the virt-launcher pod is not running on this node; nothing to attach")
-                pods[path] = podnet.read(path)
-            except TcbError as exc:
-                pods[path] = exc
-        pod = pods[path]
-        if isinstance(pod, TcbError):
-            out.append((port, pod))
-            continue
-        plan = plan_nic(port, host.get(port.name), pod, dhcp_to_bridge)
-        if bindings.needs_deep(plan.recognition, pod):
-            if processes is None:
-                processes = podnet.processes_by_netns()
-            try:
-                pods[path] = pod = podnet.deepen(pod, processes)
-            except TcbError as exc:
-                pods[path] = exc
-                out.append((port, exc))
-                continue
-            plan = plan_nic(port, host.get(port.name), pod, dhcp_to_bridge)
-        out.append((port, plan))
-    return out
-
-
-def discover(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
-             ports: list[ovsdb.Port] | None = None) -> list[NicPlan]:
-    """One plan per Kube-OVN port of the VMI; raises when the VMI is unknown or its pod is gone.
-    `ports`: the namespace's port rows, when the caller has them (the agent's OVSDB monitor);
-    read from OVSDB otherwise."""
-    if ports is None:
-        ports = ovsdb.kubeovn_ports(settings.url, settings.ovsdb_timeout, pod_namespace=namespace)
-    mine = sorted((p for p in ports if p.pod_name == vmi), key=lambda p: p.iface_id)
-    if not mine:
-        known = sorted({p.pod_name for p in ports if p.pod_name})
-        listing = ", ".join(known) if known else "none"
-        raise UnknownVmiError(f"no VMI {vmi!r} in namespace {namespace!r} on this node",
-                              hint=f"pods and VMIs with Kube-OVN ports in {namespace!r} here: {listing}")
-    plans = []
-    for _port, found in survey(mine, settings, dhcp_to_bridge):
-        if isinstance(found, TcbError):
-            raise found
-        plans.append(found)
-    return plans
 
 
 def attach_vmi(vmi: str, namespace: str, settings: Settings, dhcp_to_bridge: bool = True,
@@ -193,8 +93,3 @@ def detach_target(target: str, namespace: str, remove_qdisc: bool = False) -> li
         record = attachments.detach(target, remove_qdisc)
         records = [record] if record else []
     return records
-
-
-def statuses(namespace: str | None = None, vmi: str | None = None) -> list[Status]:
-    return [s for s in health.statuses()
-            if (namespace is None or s.record.namespace == namespace) and (vmi is None or s.record.vmi == vmi)]

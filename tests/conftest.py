@@ -1,6 +1,6 @@
 """Shared helpers for the root test layers (datapath, integration, vm).
 
-Every object a test creates carries a random tag (see tcbypass.lab.sandbox) and
+Every object a test creates carries a random tag (see tcbypass_lab.sandbox) and
 is removed at teardown, also when the test fails.
 """
 
@@ -18,8 +18,8 @@ import time
 import pytest
 
 from tcbypass import attachments, bpfsys, features, health, loader, netns
-from tcbypass.lab.agentproc import AgentProcess
-from tcbypass.lab.sandbox import NETNS_DIR, Sandbox, sh
+from tcbypass_lab.agentproc import AgentProcess
+from tcbypass_lab.sandbox import NETNS_DIR, Sandbox, sh
 
 AGENT_BOUND = 15.0  # seconds: only a hung agent takes this long
 
@@ -27,6 +27,12 @@ AGENT_BOUND = 15.0  # seconds: only a hung agent takes this long
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the installed CLI the way a user or a node hook does."""
     return subprocess.run([sys.executable, "-m", "tcbypass", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_lab(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the lab's door (tcbypass-lab) as a user does."""
+    return subprocess.run([sys.executable, "-m", "tcbypass_lab", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -44,7 +44,7 @@ from tcbypass.maps import (
     config_entry,
     parse_mac,
 )
-from tcbypass.lab.sandbox import NETNS_DIR, sh
+from tcbypass_lab.sandbox import NETNS_DIR, sh
 
 from .pktgen import ADDR
 

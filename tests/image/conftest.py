@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tcbypass import attachments, health, loader
-from tcbypass.lab.container import AgentPod, Podman
+from tcbypass_lab.container import AgentPod, Podman
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONSET = REPO / "deploy" / "daemonset.yaml"
@@ -115,7 +115,7 @@ def node(ovs_node) -> Node:
 @pytest.fixture(scope="module")
 def shared_node():
     """One node for a module's tests (each test cleans up its own attachments)."""
-    from tcbypass.lab.sandbox import Sandbox
+    from tcbypass_lab.sandbox import Sandbox
 
     with Sandbox() as sb:
         try:

@@ -2,7 +2,7 @@
 
 The image scripts/build-image.sh builds is started by podman with exactly the
 host namespaces, capabilities, mounts and security options that
-deploy/daemonset.yaml declares (read from the YAML by tcbypass/lab/container.py,
+deploy/daemonset.yaml declares (read from the YAML by lab/tcbypass_lab/container.py,
 which refuses any field it cannot map), on the sandbox's emulated node:
 
 - the node's network namespace is the sandbox node's: hostNetwork joins it,
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import pytest
 
 from tcbypass import attachments
-from tcbypass.lab.container import metrics, status_json
-from tcbypass.lab.sandbox import ping
+from tcbypass_lab.container import metrics, status_json
+from tcbypass_lab.sandbox import ping
 from tcbypass.model import pin_id
 from tests.conftest import status_json as host_status_json
 
@@ -166,17 +166,21 @@ def test_the_daemonset_pod_runs_the_agent_on_the_node(node, agent_pod, agent_ima
     assert podman.stop(agent2, agent_pod.grace_seconds)[0] == 0
 
 
-def test_the_image_holds_the_prepared_program_and_no_compiler(agent_image, podman, capsys):
+def test_the_image_holds_the_prepared_program_and_no_compiler_nor_lab(agent_image, podman, capsys):
     code = ("import glob, importlib.util, shutil\n"
             "print('bcc', importlib.util.find_spec('bcc') is not None)\n"
             "print('clang', shutil.which('clang') or shutil.which('llc') or '')\n"
             "print('headers', len(glob.glob('/usr/src/linux-headers-*') + glob.glob('/lib/modules/*/build')))\n"
             "print('pip', importlib.util.find_spec('pip') is not None)\n"
-            "print('objects', len(glob.glob('/var/lib/tcbypass/objects/redirect-*.json')))\n")
+            "print('objects', len(glob.glob('/var/lib/tcbypass/objects/redirect-*.json')))\n"
+            "import tcbypass, os\n"
+            "print('lab', importlib.util.find_spec('tcbypass_lab') is not None or "
+            "os.path.exists(os.path.join(os.path.dirname(tcbypass.__file__), 'lab')))\n")
     proc = podman("run", "--rm", "--network", "none", "--read-only", "--entrypoint", "python3", agent_image.name,
                   "-c", code)
     found = dict(line.split(" ", 1) if " " in line else (line, "") for line in proc.stdout.splitlines())
-    assert found == {"bcc": "False", "clang": "", "headers": "0", "pip": "False", "objects": "2"}, proc.stdout
+    assert found == {"bcc": "False", "clang": "", "headers": "0", "pip": "False", "objects": "2", "lab": "False"}, \
+        proc.stdout
     size = int(podman("image", "inspect", "--format", "{{.Size}}", agent_image.name).stdout.strip())
     report(capsys, f"{agent_image.name}: {size / 2**20:.0f} MiB unpacked")
     assert size < 120 * 2**20, "the image has grown: what does a prepared node need that it did not before?"

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from tcbypass import health, vmi
-from tcbypass.lab import wirings
-from tcbypass.lab.sandbox import ping, wait_for_ping
+from tcbypass import health
+from tcbypass_lab import wirings
+from tcbypass_lab.sandbox import ping, wait_for_ping
 from tests.conftest import RunningAgent, pins
 
 SERVER_IP = "10.16.0.2"
@@ -38,7 +38,7 @@ def agent(node):
 
 
 def state_of(name: str, namespace: str = "prod") -> list[str]:
-    return [s.state for s in vmi.statuses(namespace, name)]
+    return [s.state for s in health.statuses(namespace, name)]
 
 
 def report(capsys, text: str) -> None:
@@ -50,7 +50,7 @@ def test_new_vm_port_is_attached(node, agent, capsys):
     [nic] = node.add_vm("vm1", ["10.16.0.5"], namespace="prod")
     took = agent.wait_for(lambda: state_of("vm1") == ["active"], "vm1 active")
     report(capsys, f"new VM port attached {took * 1000:.0f} ms after the pod was wired")
-    [status] = vmi.statuses("prod", "vm1")
+    [status] = health.statuses("prod", "vm1")
     assert status.record.managed_by == "agent"
     node.block_bridge_unicast(nic)
     assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3)
@@ -59,9 +59,9 @@ def test_new_vm_port_is_attached(node, agent, capsys):
 def test_tap_recreation_is_refreshed(node, agent, capsys):
     [nic] = node.add_vm("vm2", ["10.16.0.6"], namespace="prod")
     agent.wait_for(lambda: state_of("vm2") == ["active"], "vm2 active")
-    old = vmi.statuses("prod", "vm2")[0].record.tap_ifindex
+    old = health.statuses("prod", "vm2")[0].record.tap_ifindex
     node.restart_vm(nic)
-    took = agent.wait_for(lambda: (s := vmi.statuses("prod", "vm2")) and s[0].state == "active"
+    took = agent.wait_for(lambda: (s := health.statuses("prod", "vm2")) and s[0].state == "active"
                           and s[0].record.tap_ifindex != old, "vm2 refreshed")
     report(capsys, f"tap recreation refreshed after {took * 1000:.0f} ms")
     node.block_bridge_unicast(nic)

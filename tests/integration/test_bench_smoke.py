@@ -1,4 +1,4 @@
-"""`tcbypass bench --quick` keeps working: every default scenario carries its
+"""`tcbypass-lab bench --quick` keeps working: every default scenario carries its
 traffic through the path it is named for, the JSON has the documented shape
 with issue 10's targets block, and nothing is left behind. No test here
 asserts a timing (the pure parts are tested in tests/unit/test_bench_results.py).
@@ -16,10 +16,10 @@ import secrets
 import pytest
 
 from tcbypass import features
-from tcbypass.lab import bench, scenarios
-from tcbypass.lab.sandbox import sh
-from tcbypass.lab.traffic import UNITS
-from tests.conftest import pins, run_cli
+from tcbypass_lab import bench, scenarios
+from tcbypass_lab.sandbox import sh
+from tcbypass_lab.traffic import UNITS
+from tests.conftest import pins, run_lab
 
 RESULT_KEYS = {"scenario", "test", "size", "median", "p10", "p90", "unit"}
 TC_ACT_REDIRECT, TC_ACT_UNSPEC = 7, 0xFFFFFFFF
@@ -52,7 +52,7 @@ def test_bench_quick_carries_each_scenario_on_its_path_writes_its_json_and_leave
     args = ["bench", "--quick", "--json", str(out), "--plot", str(tmp_path / "bench.png")]
     netns_before, pins_before = _bench_netns(), pins("bench-")
 
-    proc = run_cli(*args, env={token.split("=")[0]: token.split("=")[1]}, timeout=600)
+    proc = run_lab(*args, env={token.split("=")[0]: token.split("=")[1]}, timeout=600)
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recovered" in proc.stdout and "targets (issue 10)" in proc.stdout

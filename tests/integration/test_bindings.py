@@ -1,4 +1,4 @@
-"""Every KubeVirt binding, wired the way KubeVirt and Kube-OVN wire it (tcbypass/lab/wirings.py),
+"""Every KubeVirt binding, wired the way KubeVirt and Kube-OVN wire it (lab/tcbypass_lab/wirings.py),
 against a real OVS: `attach` names the binding and why in one line, with the exit code a node
 hook needs, attaches nothing and leaves nothing behind; `status --all` shows one row per VM port."""
 
@@ -10,8 +10,8 @@ import os
 import pytest
 
 from tcbypass import attachments
-from tcbypass.lab import wirings
-from tcbypass.lab.wirings import VmPod
+from tcbypass_lab import wirings
+from tcbypass_lab.wirings import VmPod
 from tcbypass.model import pin_id
 from tests.conftest import pins, run_cli, tc_state
 

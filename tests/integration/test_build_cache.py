@@ -21,7 +21,7 @@ import textwrap
 import pytest
 
 from tcbypass import attachments, build
-from tcbypass.lab.sandbox import wait_for_ping
+from tcbypass_lab.sandbox import wait_for_ping
 from tcbypass.model import AttachSpec
 from tests.conftest import RunningAgent, pins, run_cli, status_json
 

@@ -23,7 +23,8 @@ def test_doctor_json_reports_the_kernels_features_and_the_path():
     report = json.loads(proc.stdout)
     assert report["ok"] is True
     assert report["features"] == {"tcx": True, "redirect_peer": True, "devmap_lookup": True, "run_time_stats": True,
-                                  "kernel_types_peer": True}  # 6.18: peer-redirected frames arrive PACKET_HOST
+                                  "kernel_types_peer": True,  # 6.18: peer-redirected frames arrive PACKET_HOST
+                                  "memcg_accounting": True}  # 5.11+: BPF memory is not charged to RLIMIT_MEMLOCK
     assert report["path"] == {"hook": "tcx", "from_vm": "peer"}
     assert all(c["ok"] for c in report["checks"])
 

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from tcbypass import features
-from tcbypass.lab.sandbox import ping, sh, tcp_transfer, wait_for_ping
+from tcbypass_lab.sandbox import ping, sh, tcp_transfer, wait_for_ping
 from tests.conftest import ours_on, pins, require_hook, run_cli, status_json, tc_state
 
 SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tcbypass.lab import wirings
-from tcbypass.lab.sandbox import ping, sh, wait_for_ping
+from tcbypass_lab import wirings
+from tcbypass_lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import pins, run_cli
 
 SERVER_IP = "10.16.0.2"

@@ -30,7 +30,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from tcbypass import netns
-from tcbypass.lab.sandbox import NETNS_DIR, mac_of, ping, sh, wait_for_ping
+from tcbypass_lab.sandbox import NETNS_DIR, mac_of, ping, sh, wait_for_ping
 from tests.conftest import Capture, pins, run_cli, send_frames, status_json, tc_state, tcx_programs
 from tests.foreign import Foreign
 

@@ -1,7 +1,7 @@
 """A node with a hundred VM pods: the agent, starting with all of them
 plugged, attaches every one, and detaching them all leaves no pin, lock
 file, program or map behind. The scale bench's agent phase does the work;
-nothing here asserts a timing (`tcbypass bench scale` reports those).
+nothing here asserts a timing (`tcbypass-lab bench scale` reports those).
 
 About a minute and a half here: building the 100 pods on userspace OVS is
 most of it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcbypass.lab import scale
+from tcbypass_lab import scale
 
 VMS = 100
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tcbypass.lab.sandbox import mac_of, ping, sh, tcp_transfer, wait_for_ping
+from tcbypass_lab.sandbox import mac_of, ping, sh, tcp_transfer, wait_for_ping
 from tests.conftest import pins, run_cli, tc_state
 
 SERVER_IP = "10.16.0.2"

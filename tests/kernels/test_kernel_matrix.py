@@ -1,5 +1,5 @@
 """The kernel matrix inside the suite: the project's kernel-facing tests, run
-in a qemu guest on another kernel (tcbypass/lab/kernels.py).
+in a qemu guest on another kernel (lab/tcbypass_lab/kernels.py).
 
 By default this runs the "ci" selection on Debian 12's 6.1 kernel, the
 subset that keeps the whole suite inside its time budget under TCG. Choose
@@ -18,8 +18,8 @@ import os
 
 import pytest
 
-from tcbypass.lab import kernel_results as results
-from tcbypass.lab import kernels
+from tcbypass_lab import kernel_results as results
+from tcbypass_lab import kernels
 
 pytestmark = pytest.mark.root
 

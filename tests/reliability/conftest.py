@@ -33,7 +33,7 @@ import pytest
 from tcbypass import attachments, bpfsys, health, loader, maps
 from tcbypass.maps import AttachmentMaps
 from tcbypass.model import AttachSpec, Record
-from tcbypass.lab.sandbox import VmNic, sh, wait_for_ping
+from tcbypass_lab.sandbox import VmNic, sh, wait_for_ping
 
 
 def require_root() -> None:

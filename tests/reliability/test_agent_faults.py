@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tcbypass.lab.sandbox import ping
+from tcbypass_lab.sandbox import ping
 from tests.conftest import RunningAgent, pins
 from tests.reliability.conftest import loaded_ids, pin_entries, report
 

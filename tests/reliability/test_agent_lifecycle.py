@@ -20,8 +20,8 @@ import time
 import pytest
 
 from tcbypass import attachments
-from tcbypass.lab.sandbox import ping, sh, wait_for_ping
-from tcbypass.lab.streams import PingFlow, UdpFlow
+from tcbypass_lab.sandbox import ping, sh, wait_for_ping
+from tcbypass_lab.streams import PingFlow, UdpFlow
 from tests.conftest import RunningAgent, run_cli
 from tests.reliability.conftest import instance_ids, loaded_ids, pin_entries, report, wait_until_freed
 

@@ -24,7 +24,7 @@ import pytest
 
 from tcbypass import attachments, bpfsys, health, loader
 from tcbypass.model import AttachSpec
-from tcbypass.lab.sandbox import ping, sh, wait_for_ping
+from tcbypass_lab.sandbox import ping, sh, wait_for_ping
 from tests.conftest import run_cli, tc_state
 
 from .conftest import (assert_one_attachment_or_none, assert_one_line_error, explicit_args, mounted_bpffs,

@@ -19,7 +19,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from tcbypass import attachments, health, netns
-from tcbypass.lab.sandbox import mac_of
+from tcbypass_lab.sandbox import mac_of
 
 from .conftest import quiet_pod, report
 

@@ -14,12 +14,12 @@ import pytest
 from tcbypass import attachments, health, tc
 from tcbypass.errors import TcbError
 from tcbypass.maps import AttachmentMaps
-from tcbypass.lab.sandbox import ping, sh
+from tcbypass_lab.sandbox import ping, sh
 from tests.conftest import run_cli
 
 from .conftest import (quiet_pod, assert_one_attachment_or_none, instance_ids, links, loaded_ids, pin_entries, report,
                        status_rows, wait_until_freed)
-from tcbypass.lab.streams import UdpFlow
+from tcbypass_lab.streams import UdpFlow
 
 pytestmark = pytest.mark.root
 

@@ -31,18 +31,18 @@ import os
 from tcbypass import attachments, bpfsys, build, health, loader, netdev, netns, tc, tcx
 from tcbypass.maps import F_DHCP_TO_BRIDGE, AttachmentMaps, Direction, config_entry, parse_mac
 from tcbypass.model import AttachSpec, pin_id
-from tcbypass.lab.sandbox import sh, wait_for_ping
+from tcbypass_lab.sandbox import sh, wait_for_ping
 
 from tests.conftest import require_hook
 
 from .conftest import assert_one_attachment_or_none, report
-from tcbypass.lab.streams import PingFlow, Timeline, UdpFlow
+from tcbypass_lab.streams import PingFlow, Timeline, UdpFlow
 
 pytestmark = pytest.mark.root
 
 SERVER_IP, VM_IP = "10.16.0.2", "10.16.0.5"
 # How many times slower than this machine the CPU is: the kernel matrix runs
-# this test in TCG guests (tcbypass/lab/kernels.py), where everything takes
+# this test in TCG guests (lab/tcbypass_lab/kernels.py), where everything takes
 # 10-50 times longer. Rates go down and every time span up by this factor, so
 # the stream still spans every phase and a CPU stall of the emulator does
 # not end a receiver (it stops after a quiet spell) before the test is done.

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tcbypass import attachments
-from tcbypass.lab.sandbox import ping
+from tcbypass_lab.sandbox import ping
 
 from .conftest import (assert_one_attachment_or_none, explicit_args, instance_ids, loaded_ids, pin_entries, report,
                        status_rows, wait_until_freed)

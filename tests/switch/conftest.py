@@ -1,6 +1,6 @@
 """The node's switch: what tcbypass hands to Open vSwitch, and what OVS does with it.
 
-Every test here runs a private OVS (tcbypass/lab/ovs.py) on the datapath the
+Every test here runs a private OVS (lab/tcbypass_lab/ovs.py) on the datapath the
 run asks for: the kernel datapath (openvswitch.ko, what Kube-OVN nodes run)
 in the kernel matrix's guests, where $TCBYPASS_DATAPATH=system makes a
 missing module a failure; the userspace datapath on a build machine whose
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tcbypass.lab.ovs import SYSTEM
-from tcbypass.lab.sandbox import Sandbox, VmNic, mac_of, v6_of, wait_for_ping
+from tcbypass_lab.ovs import SYSTEM
+from tcbypass_lab.sandbox import Sandbox, VmNic, mac_of, v6_of, wait_for_ping
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.root
@@ -116,7 +116,7 @@ def pod(request, ovs_node, datapath_reported) -> Pod:
     for ns, dev, ip, mac in ((nic.vm_ns, nic.vm_dev, SERVER_IP, mac_of(server, "eth0")),
                              (nic.vm_ns, nic.vm_dev, SERVER_IP6, mac_of(server, "eth0")),
                              (server, "eth0", VM_IP, nic.mac), (server, "eth0", VM_IP6, nic.mac)):
-        from tcbypass.lab.sandbox import sh
+        from tcbypass_lab.sandbox import sh
         sh("ip", "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent", netns=ns)
     return Pod(sb, nic, server, request.param)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tcbypass.lab.sandbox import ping
+from tcbypass_lab.sandbox import ping
 from tests.conftest import tc_state, tcp_exchange
 from tests.switch.conftest import SERVER_IP
 

@@ -17,7 +17,7 @@ import time
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from tcbypass.lab.sandbox import mac_of
+from tcbypass_lab.sandbox import mac_of
 from tests.conftest import send_frames, socket_in, tcp_exchange, udp_delivered
 from tests.switch.conftest import SERVER_IP, VM_IP, payloads
 

@@ -19,8 +19,8 @@ import time
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Dot1Q, Ether
 
-from tcbypass.lab.ovs import SYSTEM
-from tcbypass.lab.sandbox import ping, sh
+from tcbypass_lab.ovs import SYSTEM
+from tcbypass_lab.sandbox import ping, sh
 from tests.conftest import Capture, send_frames, tcp_exchange, udp_delivered
 from tests.switch.conftest import SERVER_IP, SERVER_IP6, VM_IP, VM_IP6, payloads
 
@@ -186,6 +186,6 @@ def test_the_next_receiver_sees_the_packet_type_it_saw_over_the_bridge(pod):
 
 
 def _server_mac(pod) -> str:
-    from tcbypass.lab.sandbox import mac_of
+    from tcbypass_lab.sandbox import mac_of
 
     return mac_of(pod.server, "eth0")

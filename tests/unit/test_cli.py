@@ -72,6 +72,25 @@ class FakeBackend:
         self.calls.append(("node_ports", namespace, settings))
         return self.port_rows
 
+    def agent(self, settings, detach_on_exit, metrics_address, ports_refresh):
+        self.calls.append(("agent", settings, detach_on_exit, metrics_address, ports_refresh))
+        if metrics_address.endswith(":99999"):
+            raise OSError(22, "port out of range")
+
+    def doctor(self):
+        from tcbypass.doctor import Check, Report
+
+        self.calls.append(("doctor",))
+        checks = (Check("bpffs", True, "mounted on /sys/fs/bpf"),
+                  Check("locked memory", self.root, "limit 64 KiB", "raise it", required=True))
+        return Report(checks, None, "tcx" if self.root else "", "peer" if self.root else "")
+
+    def prepare(self, cache_dir):
+        from tcbypass.build import Build
+
+        self.calls.append(("prepare", cache_dir))
+        return [(Build(), f"{cache_dir}/redirect-1.json"), (Build(no_peer=True), f"{cache_dir}/redirect-2.json")]
+
 
 def invoke(backend, *args, env=None):
     app = App(backend, Console(width=250), Console(stderr=True, width=1000))
@@ -196,8 +215,9 @@ def test_empty_status_says_how_to_attach():
 
 def test_help_teaches_the_commands():
     res = CliRunner().invoke(main, ["--help"])
-    for command in ("attach", "detach", "status", "doctor", "demo"):
+    for command in ("attach", "detach", "status", "doctor", "agent", "gc", "prepare"):
         assert command in res.output
+    assert "demo" not in res.output and "bench" not in res.output, "the lab has its own door: tcbypass-lab"
     res = CliRunner().invoke(main, ["attach", "--help"])
     assert "Examples" in res.output and "--ovsdb" in res.output
 
@@ -276,3 +296,69 @@ def test_plain_status_does_not_read_the_node_ports():
     fake = FakeBackend()
     invoke(fake, "status")
     assert [c[0] for c in fake.calls] == ["statuses"]
+
+
+def test_agent_takes_its_settings_and_says_in_one_line_when_metrics_cannot_be_served():
+    backend = FakeBackend()
+    res = invoke(backend, "agent", "--ovsdb", "unix:/x.sock", "--metrics-address", "127.0.0.1:9999",
+                 "--detach-on-exit")
+    assert res.exit_code == 0
+    [(_, settings, detach, address, refresh)] = backend.calls
+    assert (settings.ovsdb_url, detach, address, refresh) == ("unix:/x.sock", True, "127.0.0.1:9999", 15.0)
+    res = invoke(FakeBackend(), "agent", "--metrics-address", "127.0.0.1:99999")
+    assert res.exit_code == 1 and "cannot serve metrics on 127.0.0.1:99999" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_doctor_prints_each_check_and_the_fix_of_a_failed_one():
+    res = invoke(FakeBackend(), "doctor")
+    assert res.exit_code == 0 and "ok   bpffs" in res.output and "path: tcx" in res.output
+    res = invoke(FakeBackend(root=False), "doctor", "--json")
+    assert res.exit_code == 1
+    res = invoke(FakeBackend(root=False), "doctor")
+    assert res.exit_code == 1 and "FAIL locked memory" in res.output and "fix: raise it" in res.output
+
+
+def test_prepare_names_each_build_it_left_in_the_cache():
+    backend = FakeBackend()
+    res = invoke(backend, "prepare", "--cache-dir", "/img/objects")
+    assert res.exit_code == 0 and backend.calls == [("prepare", "/img/objects")]
+    assert res.output.splitlines() == ["/img/objects/redirect-1.json: default",
+                                       "/img/objects/redirect-2.json: without bpf_redirect_peer (kernels before 5.10)"]
+
+
+NARROW_ROWS = [Status(record("vm-web-frontend-01.production", vmi="vm-web-frontend-01", namespace="production",
+                             netns="/var/run/netns/cni-7d3f2a9e-1b4c-4e8f-9a6d-2c5b8e1f4a7d"), "active",
+                      counters=Counters.zero()),
+               Status(record("vm-db-02.production.storage-net.production.ovn", vmi="vm-db-02",
+                             namespace="production"), "stale", ("tap tap0 is gone", "our tcx link on tap0 is missing")),
+               Status(record("vm3.prod"), "orphaned", ("the pod's network namespace is gone",))]
+
+
+def render(width: int, *args: str) -> list[str]:
+    app = App(FakeBackend(rows=NARROW_ROWS), Console(width=width), Console(stderr=True, width=1000))
+    res = CliRunner().invoke(main, ["status", *args], obj=app)
+    return res.output.splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_status_fits_a_narrow_terminal_one_line_per_attachment(width):
+    lines = render(width)
+    table = [line for line in lines if line[:1] in "┏┃┡│└"]
+    assert table and max(len(line) for line in table) <= width
+    body = [line for line in table if line.startswith("│")]
+    assert len(body) == len(NARROW_ROWS), "one line per attachment, nothing wrapped"
+    for line, s in zip(body, NARROW_ROWS):
+        assert s.state in line and line.rstrip().endswith("0 │"), line
+    assert "tcbypass status -o wide" in "\n".join(lines)
+    for problem in ("tap tap0 is gone", "our tcx link on tap0 is missing", "the pod's network namespace is gone"):
+        assert any(problem in line and not line.startswith("│") for line in lines), problem
+
+
+def test_status_wide_shows_every_column_and_the_problems_in_the_table():
+    lines = render(250, "-o", "wide")
+    text = "\n".join(lines)
+    for column in ("netns", "MAC", "pod NIC", "passed to the bridge", "path", "pkts / bytes"):
+        assert column in text
+    assert "cni-7d3f2a9e" in text and "-o wide" not in text
+    assert any("tap tap0 is gone" in line and line.startswith("│") for line in lines)

@@ -1,4 +1,4 @@
-"""tcbypass/lab/container.py: the DaemonSet becomes podman flags field by field,
+"""lab/tcbypass_lab/container.py: the DaemonSet becomes podman flags field by field,
 and a field it cannot map is refused rather than dropped."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tcbypass.lab.container import AgentPod, ContractError, podman_args
+from tcbypass_lab.container import AgentPod, ContractError, podman_args
 
 DAEMONSET = Path(__file__).resolve().parents[2] / "deploy" / "daemonset.yaml"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tcbypass.lab.guest import (GuestError, NicAddress, encode_command, kernel_cmdline, parse_ready_line,
-                            resolve_module_order, udhcpd_config)
+from tcbypass_lab.dhcp import udhcpd_config
+from tcbypass_lab.guest import GuestError, NicAddress, encode_command, kernel_cmdline, parse_ready_line
+from tcbypass_lab.initramfs import resolve_module_order
 
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio_ring.ko:

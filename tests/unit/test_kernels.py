@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tcbypass.lab import kernel_results as results
-from tcbypass.lab import kernels
-from tcbypass.lab.kernel_image import (GUEST_PACKAGES, Image, ImageError, ImageRecipe, image_size_bytes,
+from tcbypass_lab import kernel_results as results
+from tcbypass_lab import kernels
+from tcbypass_lab.kernel_image import (GUEST_PACKAGES, Image, ImageError, ImageRecipe, image_size_bytes,
                                        kernel_version_of, mmdebstrap_argv, pip_download_argv,
                                        requirements_from_pyproject, superseded)
 
@@ -296,6 +296,11 @@ def test_a_result_survives_its_json_and_the_report_reads_it_back(tmp_path, capsy
     path = tmp_path / "result.json"
     path.write_text(json.dumps(result.to_json()))
     assert results.KernelResult.from_json(json.loads(path.read_text())) == result
-    assert kernels.main(["--report", str(path)]) == 1
-    out = capsys.readouterr().out
+    from click.testing import CliRunner
+
+    from tcbypass_lab.cli import main
+
+    proc = CliRunner().invoke(main, ["kernels", "--report", str(path)])
+    assert proc.exit_code == 1
+    out = proc.output
     assert "| 6.1 (6.1.0-57-amd64) | clsact, peer |" in out and "test_b[x]: failed" in out

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from tcbypass.lab.guest import Guest, start_dhcp_server
-from tcbypass.lab.sandbox import Sandbox
+from tcbypass_lab.dhcp import start_dhcp_server
+from tcbypass_lab.guest import Guest
+from tcbypass_lab.sandbox import Sandbox
 
 pytestmark = pytest.mark.root
 

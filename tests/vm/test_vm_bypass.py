@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from tcbypass import vmi
-from tcbypass.lab.guest import Guest, start_dhcp_server
-from tcbypass.lab.sandbox import sh
+from tcbypass import health
+from tcbypass_lab.dhcp import start_dhcp_server
+from tcbypass_lab.guest import Guest
+from tcbypass_lab.sandbox import sh
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.root
@@ -26,7 +27,7 @@ def env_of(sb) -> dict:
 
 
 def counters(vm: str) -> dict:
-    return {s.record.iface_id: s.counters for s in vmi.statuses("prod", vm)}
+    return {s.record.iface_id: s.counters for s in health.statuses("prod", vm)}
 
 
 def report(capsys, text: str) -> None:

@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import TcbError
+from tcbypass.errors import TcbError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", 
 # 9p) with the console as its output, and powers off. The job decides what
 # runs, so changing the test selection never rebuilds an image.
 INIT_SCRIPT = r"""#!/bin/sh
-# PID 1 of a tcbypass kernel-matrix guest (built by tcbypass/lab/kernel_image.py).
+# PID 1 of a tcbypass kernel-matrix guest (built by lab/tcbypass_lab/kernel_image.py).
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8
 mnt() { mountpoint -q "$3" || { mkdir -p "$3"; mount -t "$1" "$2" "$3"; }; }

@@ -32,7 +32,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from ..errors import TcbError
+from tcbypass.errors import TcbError
 
 SYSTEM, NETDEV = "system", "netdev"
 DATAPATHS = (SYSTEM, NETDEV)

@@ -336,7 +336,7 @@ def plot(data: dict, path: str) -> None:
         rax.set_xticks(sizes)
         rax.set_xticklabels([size_label(s) for s in sizes], fontsize=7)
     m = data["machine"]
-    fig.suptitle(f"tcbypass bench: {m['cpus']} × {m['cpu_model']}, kernel {m['kernel']}, "
+    fig.suptitle(f"tcbypass-lab bench: {m['cpus']} × {m['cpu_model']}, kernel {m['kernel']}, "
                  f"{m['placement']['latency']}; pale bars: bridge − direct within the noise", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

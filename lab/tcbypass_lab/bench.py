@@ -1,4 +1,4 @@
-"""`tcbypass bench`: what the in-pod bridge costs a VM's traffic, and how much
+"""`tcbypass-lab bench`: what the in-pod bridge costs a VM's traffic, and how much
 of that cost the product and the minimal reference program win back.
 
 This module is the run: what is measured, in which order, and the JSON it
@@ -45,8 +45,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Sequence
 
-from .. import attachments, bpfsys, features, loader, netns, tcx
-from ..errors import TcbError
+from tcbypass import attachments, bpfsys, features, loader, netns, tcx
+from tcbypass.errors import TcbError
 from . import costs, scenarios
 from .results import AttachTime, PathCheck, Report, Sample, Summary, recovered, summarize, targets
 from .sandbox import wait_for_ping
@@ -233,7 +233,7 @@ def describe_machine(plan: Plan | None = None) -> dict:
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/meminfo") as f:
             mem_gib = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
-    from ..build import bcc_version
+    from tcbypass.build import bcc_version
 
     uname = platform.uname()
     machine = {
@@ -345,7 +345,7 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
             raise BenchError("traffic does not take the expected path in: " + "; ".join(
                 f"{p.scenario} ({p.replies}/{p.pings} replies, {p.evidence}: {p.from_vm} from the VM, "
                 f"{p.to_vm} to it)" for p in wrong),
-                hint="run 'tcbypass bench --debug --quick'; for the product, 'tcbypass status' while it runs")
+                hint="run 'tcbypass-lab bench --debug --quick'; for the product, 'tcbypass status' while it runs")
 
         samples = measure_traffic(scens, plan, step, report.failures)
         report.results = summarize(samples)

@@ -24,8 +24,8 @@ import socket
 import struct
 from typing import Callable, Iterator, Sequence
 
-from .. import bpfsys, netns
-from ..features import HOOK_CLSACT, HOOK_TCX
+from tcbypass import bpfsys, netns
+from tcbypass.features import HOOK_CLSACT, HOOK_TCX
 from . import minimal
 from .results import ProgramCost, Summary
 from .scenarios import BRIDGE, Scenario

@@ -27,33 +27,33 @@ anywhere else a missing tcx fails them (tests/conftest.py: require_hook).
 Whether the product's probe agrees with the release is checked on doctor's
 report (kernel_results.py).
 
-Run it with scripts/kernel-matrix.sh, or `python -m tcbypass.lab.kernels --help`.
+Run it with scripts/kernel-matrix.sh, or `tcbypass-lab kernels --help`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import json
 import logging
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import TcbError
-from .guest import QEMU, _Child, _Console, pick_accel
+from tcbypass.errors import TcbError
+from .accel import pick_accel
+from .console import SerialConsole
+from .procs import Child
+from .qemu import QEMU
 from .kernel_image import (BOOTED_MARKER, DEFAULT_CACHE_DIR, EXIT_MARKER, GUEST_INIT, GUEST_PACKAGES, GUEST_VENV,
                            SHARE_MOUNT, SHARE_TAG, Image, ImageRecipe, KernelTarget, ensure_image,
                            requirements_from_pyproject)
 from .ovs import ENV_DATAPATH, SYSTEM
-from .kernel_results import GROUP_MARKER, KernelResult, collect, expected_features, failures, markdown_table
+from .kernel_results import GROUP_MARKER, KernelResult, collect, expected_features, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +124,13 @@ KERNEL_DATAPATH_CI = TestGroup(
     "kernel-datapath", (f"tests/switch/test_attach.py::test_attach_status_and_detach_leave_the_pod_exactly_as_it_was{_V}",
                         f"tests/switch/test_attach.py::test_attach_status_and_detach_leave_the_pod_exactly_as_it_was{_I}",
                         f"tests/switch/test_ovn_policy.py::test_an_acl_dropping_one_udp_port_drops_it_on_the_fast_path_too{_V}",
-                        "tests/switch/test_ovn_policy.py::"
-                        f"test_a_stateful_acl_allows_replies_and_denies_new_connections_from_outside{_V}",
                         f"tests/switch/test_receiver.py::test_tcp_with_segments_larger_than_the_mtu_arrives_intact_both_ways{_V}",
                         f"tests/switch/test_receiver.py::test_a_mark_set_in_the_pod_reaches_the_switch_as_over_the_bridge{_V}",
                         f"tests/switch/test_receiver.py::test_ipv6_takes_the_fast_path_both_ways{_V}",
-                        *_AGENT[:2], _OVS_NO_LOSS[1]), 1500,
-    "OVS kernel datapath: attach/status/detach for both pod NIC types, an ACL and a stateful ACL kept, "
-    "TSO segments and IPv6 intact, no mark leaked; the agent; no loss")
+                        _AGENT[0], _OVS_NO_LOSS[1]), 1500,
+    "OVS kernel datapath, a subset of each area: attach/status --all/detach for both pod NIC types, an ACL kept, "
+    "TSO segments and IPv6 intact, no mark leaked, the agent attaching, no loss (about 5 minutes under TCG)")
+
 
 # The one place that says what runs in a guest. Explicit attach and no-loss
 # run with each hook (tcx, clsact); on a kernel without tcx the tcx cases
@@ -187,10 +186,10 @@ def job_script(groups: Sequence[TestGroup], env: dict[str, str] | None = None) -
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted((env or {}).items()))
     lines = [
         "#!/bin/sh",
-        "# Written by tcbypass/lab/kernels.py for one kernel-matrix run.",
+        "# Written by lab/tcbypass_lab/kernels.py for one kernel-matrix run.",
         f"share={SHARE_MOUNT}; out=$share/out; src=/root/tcbypass",
         'mkdir -p "$out" "$src" && tar -xf "$share/src.tar" -C "$src" && cd "$src" || exit 120',
-        f"export PYTHONPATH=$src PYTHONDONTWRITEBYTECODE=1 PATH={GUEST_VENV}/bin:$PATH",
+        f"export PYTHONPATH=$src:$src/lab PYTHONDONTWRITEBYTECODE=1 PATH={GUEST_VENV}/bin:$PATH",
         *([f"export {exports}"] if exports else []),
         f"py={GUEST_VENV}/bin/python",
         f'mark() {{ echo "{GROUP_MARKER} $*"; }}',
@@ -287,30 +286,9 @@ def qemu_argv(image: Image, share: Path, accel: str, memory: int = 2048, cpus: i
             "-virtfs", f"local,path={share},mount_tag={SHARE_TAG},security_model=none,id={SHARE_TAG}"]
 
 
-@functools.lru_cache(maxsize=None)
-def kvm_boots(vmlinuz: str, first_output: float = 4.0, total: float = 20.0) -> bool:
-    """Whether this kernel gets through early boot under KVM. Where KVM is broken
-    (this project's CI: nested virtualisation) the guest hangs before printing
-    anything, so silence for `first_output` seconds means no. Asked once per
-    process and kernel."""
-    argv = [QEMU, "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-no-user-config",
-            "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", vmlinuz,
-            "-append", "console=ttyS0 earlyprintk=ttyS0 panic=-1"]
-    child = _Child(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    console = _Console(child.proc.stdout)
-    try:
-        if console.wait_for(lambda line: "Linux version" in line, first_output) is None:
-            return False
-        # Without an initramfs or root it ends in a panic: that too is a kernel that ran.
-        return console.wait_for(lambda line: "Kernel panic" in line or "Run /init" in line, total) is not None
-    finally:
-        child.kill(grace=0.5)
-        console.close()
-
-
 def choose_accel(requested: str, image: Image) -> str:
-    """"kvm" or "tcg" for this image (guest.pick_accel)."""
-    return pick_accel(requested, lambda: kvm_boots(str(image.vmlinuz)))
+    """"kvm" or "tcg" for this image (accel.py: the lab's one probe)."""
+    return pick_accel(requested, str(image.vmlinuz))
 
 
 # --- one kernel ------------------------------------------------------------------------
@@ -341,8 +319,8 @@ def run_kernel(target: KernelTarget, groups: Sequence[TestGroup], run_dir: Path,
     log.info("booting %s (%s, %s), limit %d s", target.name, image.kernel_version, chosen, limit)
     fields = dict(accel=chosen, build_seconds=build_seconds, image=image.manifest)
     started = time.monotonic()
-    child = _Child(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    console = _Console(child.proc.stdout, str(run_dir / "console.log"))
+    child = Child(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    console = SerialConsole(child.proc.stdout, str(run_dir / "console.log"))
     lines: list[str] = []
     error = ""
     boot_seconds = 0.0
@@ -389,58 +367,30 @@ def run_matrix(names: Sequence[str], selection: str, out_dir: Path, **kwargs) ->
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tcbypass.lab.kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernel", action="append", help=f"a kernel target (repeatable; default: "
-                        f"{' '.join(DEFAULT_KERNELS)}; known: {' '.join(targets())})")
-    parser.add_argument("--selection", default="full", choices=sorted(SELECTIONS))
-    parser.add_argument("--pytest", metavar="ARGS",
-                        help="run these pytest arguments (one string) as one group instead of a selection "
-                             "(development), e.g. --pytest '-s tests/integration/test_vmi.py'")
-    parser.add_argument("--out", type=Path, help="results directory (default: <cache>/results/<UTC time>)")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
-    parser.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the images even when cached")
-    parser.add_argument("--list", action="store_true", help="print the targets and test groups and exit")
-    parser.add_argument("--report", nargs="+", type=Path, metavar="RESULT_JSON",
-                        help="print the table of earlier runs (their result.json or results.json) and exit")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.list:
-        for t in targets().values():
-            print(f"{t.name:6} {t.suite:10} {' '.join(t.kernel_packages)}  {t.note}")
-        for name, groups in SELECTIONS.items():
-            for g in groups:
-                print(f"{name:5} {g.name:10} {g.limit:5d} s  {' '.join(g.args)}")
-        return 0
-    if args.report:
-        results = [KernelResult.from_json(item) for path in args.report
-                   for item in _as_list(json.loads(path.read_text()))]
-        print(markdown_table(results), end="")
-        for line in failures(results):
-            print(f"  {line}")
-        return 0 if all(r.ok for r in results) else 1
-    out = args.out or Path(args.cache_dir) / "results" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        if args.pytest:
-            SELECTIONS["adhoc"] = (TestGroup("adhoc", tuple(shlex.split(args.pytest)), 3600,
-                                             "tests named on the command line"),)
-        results = run_matrix(args.kernel or list(DEFAULT_KERNELS), "adhoc" if args.pytest else args.selection, out,
-                             cache_dir=args.cache_dir, accel=args.accel, rebuild=args.rebuild)
-    except TcbError as exc:
-        print(f"kernel-matrix: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(markdown_table(results))
-    for line in failures(results):
-        print(f"  {line}")
-    print(f"results: {out}/results.json")
-    return 0 if all(r.ok for r in results) else 1
+def listing() -> list[str]:
+    """The targets and the test groups of every selection, a line each."""
+    lines = [f"{t.name:6} {t.suite:10} {' '.join(t.kernel_packages)}  {t.note}" for t in targets().values()]
+    lines += [f"{name:5} {g.name:10} {g.limit:5d} s  {' '.join(g.args)}"
+              for name, groups in SELECTIONS.items() for g in groups]
+    return lines
+
+
+def load_results(paths: Sequence[Path]) -> list[KernelResult]:
+    """Earlier runs, from their result.json or results.json."""
+    return [KernelResult.from_json(item) for path in paths for item in _as_list(json.loads(path.read_text()))]
+
+
+def adhoc_selection(pytest_args: str) -> str:
+    """A selection of one group running these pytest arguments (development)."""
+    SELECTIONS["adhoc"] = (TestGroup("adhoc", tuple(shlex.split(pytest_args)), 3600,
+                                     "tests named on the command line"),)
+    return "adhoc"
+
+
+def default_out(cache_dir: str) -> Path:
+    return Path(cache_dir) / "results" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 def _as_list(data) -> list:
     return data if isinstance(data, list) else [data]
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -166,7 +166,7 @@ class AgentPod:
 def _only(obj: dict, known: set[str], where: str) -> None:
     unknown = sorted(set(obj) - known)
     if unknown:
-        raise ContractError(f"{where}: {', '.join(unknown)}: tcbypass/lab/container.py does not know how to run "
+        raise ContractError(f"{where}: {', '.join(unknown)}: lab/tcbypass_lab/container.py does not know how to run "
                             "this on podman; teach it (podman_args) before the DaemonSet asks for it")
 
 

@@ -31,10 +31,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .. import attachments, features, loader
-from ..errors import InputError
-from ..maps import AttachmentMaps, Counters
-from ..model import AttachResult, AttachSpec
+from tcbypass import attachments, features, loader
+from tcbypass.errors import InputError
+from tcbypass.maps import AttachmentMaps, Counters
+from tcbypass.model import AttachResult, AttachSpec
 from . import minimal
 from .sandbox import Sandbox, mac_for, mac_of, sh
 from .traffic import PEER_IP, PREFIX, VM_IP

@@ -1,4 +1,4 @@
-"""`tcbypass bench scale N`: a node full of VMs.
+"""`tcbypass-lab bench scale N`: a node full of VMs.
 
 Builds N virt-launcher pods with bridge binding on one sandbox node with a
 private OVS (Kube-OVN's port rows in its OVSDB). While the node fills up, at
@@ -35,8 +35,6 @@ phase.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import os
 import statistics
@@ -45,11 +43,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from .. import attachments, bpfsys, build, health, loader, netns, vmi
-from ..errors import TcbError
-from ..maps import META, PROG_FROM_VM, PROG_TO_VM
-from ..model import STATE_ACTIVE, pin_id
+from tcbypass import attachments, build, health, loader, vmi
+from tcbypass.discovery import Settings
+from tcbypass.errors import TcbError
+from tcbypass.model import STATE_ACTIVE
 from .agentproc import AgentProcess, cli_command, cpu_seconds_of, memory_of
+from .kobjects import Footprint, footprint, leftovers, tcb_objects
 from .results import percentile, rnd
 from .sandbox import Sandbox, ping
 
@@ -103,129 +102,6 @@ class ScalePlan:
         return sorted(marks | {self.vms})
 
 
-# --- kernel objects ----------------------------------------------------------------------
-# bpfsys wraps what the node needs; walking every object id is only the lab's
-# business, so these three commands are made here.
-_BPF_PROG_GET_NEXT_ID, _BPF_MAP_GET_NEXT_ID, _BPF_MAP_GET_FD_BY_ID = 11, 12, 14
-
-
-class _IdAttr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
-
-
-def _ids(cmd: int) -> list[int]:
-    out, current = [], 0
-    while True:
-        attr = _IdAttr(current, 0, 0)
-        try:
-            bpfsys._bpf(cmd, attr, "next id")  # noqa: SLF001 - see above
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return out
-            raise
-        current = attr.next_id
-        out.append(current)
-
-
-def _map_fd_by_id(map_id: int) -> int:
-    return bpfsys._bpf(_BPF_MAP_GET_FD_BY_ID, _IdAttr(map_id, 0, 0), f"open map id {map_id}")  # noqa: SLF001
-
-
-def _exists(opener, object_id: int) -> bool:
-    try:
-        os.close(opener(object_id))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
-
-
-def tcb_objects() -> dict:
-    """Programs and maps named tcb_* on the whole machine (any bpffs, any process)."""
-    progs = maps = 0
-    for prog_id in _ids(_BPF_PROG_GET_NEXT_ID):
-        with contextlib.suppress(OSError):
-            fd = bpfsys.prog_fd_by_id(prog_id)
-            try:
-                progs += bpfsys.prog_info(fd).name.startswith("tcb_")
-            finally:
-                os.close(fd)
-    for map_id in _ids(_BPF_MAP_GET_NEXT_ID):
-        with contextlib.suppress(OSError):
-            fd = _map_fd_by_id(map_id)
-            try:
-                maps += bpfsys.map_info(fd).name.startswith("tcb_")
-            finally:
-                os.close(fd)
-    return {"programs": progs, "maps": maps}
-
-
-def _memlock(fd: int) -> int:
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("memlock:"):
-                return int(line.split()[1])
-    return 0
-
-
-@dataclass
-class Footprint:
-    """What one attachment holds in the kernel."""
-
-    name: str
-    prog_ids: tuple[int, ...]
-    map_ids: tuple[int, ...]
-    prog_bytes: int
-    map_bytes: int
-
-
-def footprint(name: str) -> Footprint:
-    """The programs and maps pinned for one attachment: ids and memlock."""
-    pin_dir = attachments.pin_dir_of(name)
-    prog_ids, map_ids, prog_bytes, map_bytes = [], [], 0, 0
-    for prog in (PROG_FROM_VM, PROG_TO_VM):
-        fd = bpfsys.obj_get(f"{pin_dir}/{prog}", readonly=True)
-        try:
-            prog_ids.append(bpfsys.prog_info(fd).id)
-            prog_bytes += _memlock(fd)
-            used = bpfsys.prog_map_ids(fd)
-        finally:
-            os.close(fd)
-        map_ids += [m for m in used if m not in map_ids]
-    fd = bpfsys.obj_get(f"{pin_dir}/{META}", readonly=True)
-    try:
-        map_ids.append(bpfsys.map_info(fd).id)
-    finally:
-        os.close(fd)
-    for map_id in map_ids:
-        fd = _map_fd_by_id(map_id)
-        try:
-            map_bytes += _memlock(fd)
-        finally:
-            os.close(fd)
-    return Footprint(name, tuple(prog_ids), tuple(map_ids), prog_bytes, map_bytes)
-
-
-def leftovers(names: Sequence[str], prints: Sequence[Footprint], wait: float = 5.0) -> dict:
-    """What remains of these attachments: pins, lock files, and programs and maps by
-    id (the kernel frees them after an RCU grace period: waited for up to `wait` s)."""
-    ours = {pin_id(n) for n in names}
-    pins = [e for e in netns.listdir(loader.PIN_ROOT) if e.split("@")[0] in ours]
-    locks = [n for n in names if os.path.exists(f"{attachments.LOCK_DIR}/{pin_id(n)}.lock")]
-    deadline = time.monotonic() + wait
-    while True:
-        progs = [i for p in prints for i in p.prog_ids if _exists(bpfsys.prog_fd_by_id, i)]
-        maps = [i for p in prints for i in p.map_ids if _exists(_map_fd_by_id, i)]
-        if not (progs or maps) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    return {"pins": len(pins), "locks": len(locks), "programs": len(progs), "maps": len(maps),
-            "programs_checked": sum(len(p.prog_ids) for p in prints),
-            "maps_checked": sum(len(p.map_ids) for p in prints),
-            "clean": not (pins or locks or progs or maps)}
-
-
 # --- processes -------------------------------------------------------------------------------
 
 def _timed_cli(*args: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess]:
@@ -249,8 +125,8 @@ class Node:
     nics: list = field(default_factory=list)
 
     @property
-    def settings(self) -> vmi.Settings:
-        return vmi.Settings(ovsdb_url=self.sb.ovsdb_url, ovs_netns=self.sb.netns_path(self.sb.node))
+    def settings(self) -> Settings:
+        return Settings(ovsdb_url=self.sb.ovsdb_url, ovs_netns=self.sb.netns_path(self.sb.node))
 
 
 def checkpoint(node: Node, i: int, samples: int) -> dict:
@@ -574,7 +450,7 @@ def render(report: dict, console) -> None:
 
     n = report["plan"]["vms"]
     m = report["machine"]
-    t = Table(title=f"tcbypass bench scale: {n} VM pods on one node", title_justify="left")
+    t = Table(title=f"tcbypass-lab bench scale: {n} VM pods on one node", title_justify="left")
     t.add_column("what")
     t.add_column("measured")
     for what, value in rows(report):
@@ -639,7 +515,7 @@ def plot(report: dict, path: str) -> None:
         right.set_title(f"agent starting with {report['plan']['vms']} pods plugged")
         right.grid(True, alpha=0.3)
     m = report["machine"]
-    fig.suptitle(f"tcbypass bench scale: {m['cpus']} CPUs, kernel {m['kernel']}", fontsize=9)
+    fig.suptitle(f"tcbypass-lab bench scale: {m['cpus']} CPUs, kernel {m['kernel']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

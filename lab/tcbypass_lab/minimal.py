@@ -22,9 +22,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import bpfsys, netdev, netns
-from ..errors import BpfError
-from ..features import HOOK_CLSACT, HOOK_TCX
+from tcbypass import bpfsys, netdev, netns
+from tcbypass.errors import BpfError
+from tcbypass.features import HOOK_CLSACT, HOOK_TCX
 
 SOURCE = Path(__file__).with_name("minimal.c")
 FROM_VM, TO_VM = "min_from_vm", "min_to_vm"

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from tcbypass.lab.sandbox import NETNS_DIR
+from tcbypass_lab.sandbox import NETNS_DIR
 
 # Sends datagrams of 4-byte sequence number + padding at `rate` per second,
 # a few per wake-up (time.sleep has ~1 ms granularity), until the file

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * The benchmark's reference program: the least a tc program can do to carry
- * one VM's unicast frames past the in-pod bridge. `tcbypass bench` builds it
+ * one VM's unicast frames past the in-pod bridge. `tcbypass-lab bench` builds it
  * for the "minimal" scenarios only, to show how close the product
  * (bpf/redirect.c) comes to what a tc design can do on this kernel.
  *
