@@ -77,6 +77,7 @@ def main(ctx: click.Context, debug: bool) -> None:
       tcbypass-lab bench                direct vs bridge vs bypass vs the best tc design
       tcbypass-lab bench scale 250      a node full of VMs
       tcbypass-lab kernels              the kernel matrix: the tests in qemu guests on other kernels
+      tcbypass-lab soak                 the agent for hours while VM pods come and go
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -241,6 +242,61 @@ def bench_scale(lab: Lab, vms: int, vm_link: str, phases: str, json_file: str | 
         lab.err.print(f"plot: {plot_file}", highlight=False)
     if not all(c["pass"] for c in report["targets"] if c["target"].startswith("nothing left")):
         sys.exit(1)
+
+
+@main.command()
+@click.option("--lifecycles", type=click.IntRange(1, 100000), default=None, metavar="N",
+              help="Pod lifecycles to churn through (default 2000; 200 with --ci).")
+@click.option("--long-lived", type=click.IntRange(0, 200), default=None, metavar="N",
+              help="VM pods that live through the whole soak with traffic (default 20).")
+@click.option("--workers", type=click.IntRange(1, 32), default=None, metavar="N",
+              help="Churned pods at a time (default 4).")
+@click.option("--sample-every", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
+              help="Seconds between two samples of the agent and the kernel (default 60; 5 with --ci).")
+@click.option("--ci", is_flag=True, help="The short soak CI runs: 200 lifecycles, a sample every 5 s.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also write the report as JSON to FILE.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
+              help="Also draw RSS, fds, programs and attach latency over time (needs matplotlib).")
+@click.pass_obj
+def soak(lab: Lab, lifecycles: int | None, long_lived: int | None, workers: int | None, sample_every: float | None,
+         ci: bool, json_file: str | None, plot_file: str | None) -> None:
+    """The agent for hours on a node where VMs come and go.
+
+    Long-lived VM pods carry UDP streams and pings on the fast path while
+    workers create and delete VM pods continuously: plain lifecycles, pods
+    deleted mid-attach, VM restarts (a new tap), NIC hotplug and unplug.
+    Every sample records the agent's RSS, fds, threads and CPU time, the
+    kernel's programs, maps and links, the pins and the run directory, and
+    the window's attach latency. Exit 1 when a target is missed: no loss,
+    attach and cleanup p99 within a second, everything back to its baseline.
+
+    \b
+    Examples:
+      tcbypass-lab soak --ci
+      tcbypass-lab soak --json docs/soak.json --plot docs/soak.png      (about half an hour)
+    """
+    import dataclasses
+
+    from . import report as bench_report, soak as soaking
+    from .bench import write_json
+
+    require_root("soak")
+    if plot_file and not bench_report.can_plot():
+        raise click.UsageError("--plot needs matplotlib (pip install matplotlib, the 'bench' extra)")
+    plan = soaking.ci_plan() if ci else soaking.SoakPlan()
+    given = {"lifecycles": lifecycles, "long_lived": long_lived, "workers": workers, "sample_every": sample_every}
+    plan = dataclasses.replace(plan, **{k: v for k, v in given.items() if v is not None})
+    with lab.err.status("soaking") as spinner:
+        report = run(soaking.run, plan, lambda text: spinner.update(text))
+    soaking.render(report, lab.console)
+    if json_file:
+        run(write_json, report, json_file)
+        lab.err.print(f"results: {json_file}", highlight=False)
+    if plot_file:
+        run(soaking.plot, report, plot_file)
+        lab.err.print(f"plot: {plot_file}", highlight=False)
+    sys.exit(0 if all(check["pass"] for check in report["judged"]) else 1)
 
 
 @main.command()

@@ -134,6 +134,10 @@ class VmNic:
     mtu: int = 1500  # the pod's MTU, which KubeVirt gives the tap
     ip6: str = ""  # its IPv6 address in a dual-stack pod (prefix 64)
     pod_dev: str = ""  # the pod NIC's name before KubeVirt renames it (default: the dummy's name)
+    vmi: str = ""
+    namespace: str = ""
+    cid: str = ""  # the virt-launcher pod's container id (Kube-OVN names its ports after it)
+    index: int = 0  # 0 for the primary NIC, then 1, 2, ... as KubeVirt numbers the VMI's interfaces
 
 
 def stop_all(procs: list, grace: float) -> None:
@@ -321,31 +325,61 @@ class Sandbox:
         pod_ns = self.add_netns(f"pod-{vmi}"[:20])
         pod_netns = self.held_by_process(pod_ns) if netns_by_pid else ""
         vm_ns = self.add_netns(f"vm-{vmi}"[:20]) if vm_link == "veth" else ""
-        cid = secrets.token_hex(32)
-        nics = []
-        for i, ip in enumerate(ips):
-            if i == 0:
-                names = dict(tap="tap0", bridge="k6t-eth0", nic="eth0-nic", dummy="eth0")
-                iface_id, suffix, vm_dev = f"{vmi}.{namespace}", "", "eth0"
-            else:
-                net = providers[i - 1] if i - 1 < len(providers) else f"net{i}"
-                h = hashlib.sha256(net.encode()).hexdigest()[:11]  # KubeVirt hashes the network name
-                names = dict(tap=f"tap{h}", bridge=f"k6t-{h}", nic=f"{h}-nic", dummy=f"pod{h}")
-                iface_id, suffix, vm_dev = f"{vmi}.{namespace}.{net}", f"_{i}", f"eth{i}"
-            mac = mac_for(f"{self.tag}{vmi}{i}")
-            nic = VmNic(iface_id=iface_id, pod_ns=pod_ns, vm_ns=vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
-                        host_port="", ip6=v6_of(ip) if dual_stack else "", **names)
-            ips_id = f"{ip},{nic.ip6}" if nic.ip6 else ip
-            if pod_nic_type == "internal-port":
-                nic.host_port = nic.pod_dev = self.plug_internal(pod_ns, mac, vmi, namespace, iface_id, ips_id, cid,
-                                                                 suffix, pod_netns)
-            else:
-                nic.host_port = self.plug(pod_ns, names["dummy"], vmi, namespace, iface_id, ips_id, cid, suffix,
-                                          pod_netns)
-                sh("ip", "link", "set", names["dummy"], "address", mac, netns=pod_ns)  # the MAC Kube-OVN allocated
-            self._bridge_bind(nic, dhcp_address=None if managed_tap else f"169.254.75.1{i}/32")
-            nics.append(nic)
-        return nics
+        pod = VmNic(iface_id="", pod_ns=pod_ns, vm_ns=vm_ns, tap="", bridge="", nic="", dummy="", host_port="",
+                    mac="", ip="", vmi=vmi, namespace=namespace, cid=secrets.token_hex(32))
+        return [self._add_nic(pod, i, ip, providers[i - 1] if 0 < i <= len(providers) else f"net{i}",
+                              managed_tap=managed_tap, pod_netns=pod_netns, dual_stack=dual_stack,
+                              pod_nic_type=pod_nic_type) for i, ip in enumerate(ips)]
+
+    def hotplug_nic(self, pod: list[VmNic], ip: str, provider: str) -> VmNic:
+        """A NIC hot-plugged into the running VM of this pod (KubeVirt's NIC hotplug,
+        bridge binding on a secondary network): Kube-OVN plugs the pod into the
+        network's switch, then virt-handler adds k6t-<hash>, tap<hash> and <hash>-nic
+        to the running pod (pkg/network/setup/netpod builds them as for any secondary
+        NIC; the hash names the network, pkg/network/namescheme)."""
+        nic = self._add_nic(pod[0], 1 + max(n.index for n in pod), ip, provider,
+                            dual_stack=bool(pod[0].ip6))
+        pod.append(nic)
+        return nic
+
+    def unplug_nic(self, pod: list[VmNic], nic: VmNic) -> None:
+        """A hot-plugged NIC unplugged: virt-handler removes its bridge, tap and pod NIC
+        from the pod, and Kube-OVN takes the port out of OVS."""
+        for dev in (nic.tap, nic.bridge, nic.nic, nic.dummy):
+            sh("ip", "link", "del", dev, netns=nic.pod_ns, check=False)
+        if nic.vm_ns:
+            sh("ip", "link", "del", nic.vm_dev, netns=nic.vm_ns, check=False)
+        if self.ovs:
+            self.switch.del_port(nic.host_port)
+        sh("ip", "link", "del", nic.host_port, netns=self.node, check=False)
+        pod.remove(nic)
+
+    def _add_nic(self, pod: VmNic, i: int, ip: str, provider: str, managed_tap: bool = False, pod_netns: str = "",
+                 dual_stack: bool = False, pod_nic_type: str = "veth-pair") -> VmNic:
+        """NIC number `i` of the VM pod `pod` (its namespaces, VMI and container id): Kube-OVN's
+        port, then KubeVirt's bridge binding."""
+        vmi, namespace = pod.vmi, pod.namespace
+        if i == 0:
+            names = dict(tap="tap0", bridge="k6t-eth0", nic="eth0-nic", dummy="eth0")
+            iface_id, suffix, vm_dev = f"{vmi}.{namespace}", "", "eth0"
+        else:
+            h = hashlib.sha256(provider.encode()).hexdigest()[:11]  # KubeVirt hashes the network name
+            names = dict(tap=f"tap{h}", bridge=f"k6t-{h}", nic=f"{h}-nic", dummy=f"pod{h}")
+            iface_id, suffix, vm_dev = f"{vmi}.{namespace}.{provider}", f"_{i}", f"eth{i}"
+        mac = mac_for(f"{self.tag}{vmi}{i}")
+        nic = VmNic(iface_id=iface_id, pod_ns=pod.pod_ns, vm_ns=pod.vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
+                    host_port="", ip6=v6_of(ip) if dual_stack else "", vmi=vmi, namespace=namespace, cid=pod.cid,
+                    index=i, **names)
+        ips_id = f"{ip},{nic.ip6}" if nic.ip6 else ip
+        if pod_nic_type == "internal-port":
+            nic.host_port = nic.pod_dev = self.plug_internal(pod.pod_ns, mac, vmi, namespace, iface_id, ips_id,
+                                                             pod.cid, suffix, pod_netns)
+        else:
+            nic.host_port = self.plug(pod.pod_ns, names["dummy"], vmi, namespace, iface_id, ips_id, pod.cid, suffix,
+                                      pod_netns)
+            sh("ip", "link", "set", names["dummy"], "address", mac, netns=pod.pod_ns)  # the MAC Kube-OVN allocated
+        self._bridge_bind(nic, dhcp_address=None if managed_tap else f"169.254.75.1{i}/32")
+        return nic
 
     def _bridge_bind(self, nic: VmNic, dhcp_address: str | None = "169.254.75.10/32") -> None:
         """What virt-handler does for bridge binding (managedTap: no `dhcp_address`), inside the pod.
