@@ -23,6 +23,7 @@ packages=(
     nftables                             # binding tests: masquerade's NAT rules, written as virt-handler does
     qperf iperf3                         # benchmarks
     qemu-system-x86 busybox-static cpio  # VM tests: a real guest on the tap
+    gcc libc6-dev                        # ... and the static UDP tool it carries (lab/tcbypass_lab/guest_tools)
     mmdebstrap e2fsprogs git             # kernel matrix: guest images (mkfs.ext4 -d), the checkout to ship
     vagrant vagrant-libvirt              # to validate vagrant/Vagrantfile (no box is downloaded)
     mmdebstrap skopeo                    # scripts/build-image.sh: the agent's image from Debian packages

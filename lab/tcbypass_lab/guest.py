@@ -46,6 +46,7 @@ from .console import SerialConsole
 from .initramfs import DEFAULT_CACHE_DIR, GuestKernel, build_initramfs, find_guest_kernel
 from .procs import Child
 from .qemu import QEMU, GuestError, GuestTimeout, machine_args
+from .qmp import Qmp
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,20 @@ class Guest:
     receiving pod drops them: ICMP works either way, TCP and UDP do not. Kube-OVN
     turns tx offload off in pods on the userspace datapath for the same reason.
 
+    `incoming` starts QEMU waiting for a live migration on that URI (as on the
+    target node of a KubeVirt migration); `arrived_from()` then takes over the
+    source guest's boot once the migration has landed. `queues` gives every
+    NIC that many queues (a multi-queue tap, as KubeVirt's
+    networkInterfaceMultiqueue makes one per vCPU).
+
     Nothing runs until `start()` (or entering the `with` block).
     """
 
     def __init__(self, netns_path: str, taps: Sequence[tuple[str, str]], memory: int = 256,
                  accel: str = "auto", *, static: dict[str, str] | None = None, cpus: int = 1,
                  csum_offload: bool = False, kernel_args: str = "", kernel: GuestKernel | None = None,
-                 cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, console_log: str | None = None):
+                 cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, console_log: str | None = None,
+                 incoming: str = "", queues: int = 1):
         if not taps:
             raise GuestError("a guest needs at least one tap", hint="pass taps=[('tap0', mac)]")
         self.netns_path = netns_path
@@ -171,6 +179,8 @@ class Guest:
         self.kernel_args = kernel_args
         self.cache_dir = cache_dir
         self.console_log = console_log
+        self.incoming = incoming
+        self.queues = queues
         self.kernel = kernel
         self.accel = ""
         self.boot: Boot | None = None
@@ -224,17 +234,62 @@ class Guest:
                                  hint="create the tap first, as virt-handler does (Sandbox.add_vm(vm_link='tap'))")
 
     def qemu_argv(self, initrd: Path) -> list[str]:
+        # TCG's own CPU model, not "max": a migration needs the same CPU on both sides.
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg"]
-        offload = "" if self.csum_offload else ",csum=off"  # csum=off also rules out TSO
         nics = []
         for i, (tap, mac) in enumerate(self.taps):
             # The tap already exists (virt-handler's job); qemu only attaches.
-            nics += ["-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off",
-                     "-device", f"virtio-net-pci,netdev=n{i},mac={mac}{offload}"]
+            nics += ["-netdev", self.netdev_spec(f"n{i}", tap), "-device", self.device_spec(f"n{i}", mac)]
         return [QEMU, "-name", "tcbypass-guest", *accel, *machine_args(self.memory, self.cpus),
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-kernel", str(self.kernel.image), "-initrd", str(initrd),
-                "-append", kernel_cmdline(len(self.taps), self.static, self.kernel_args), *nics]
+                "-append", kernel_cmdline(len(self.taps), self.static, self.kernel_args), *nics,
+                *(["-incoming", self.incoming] if self.incoming else [])]
+
+    def netdev_spec(self, netdev: str, tap: str) -> str:
+        queues = f",queues={self.queues}" if self.queues > 1 else ""
+        return f"tap,id={netdev},ifname={tap},script=no,downscript=no,vhost=off{queues}"
+
+    def device_spec(self, netdev: str, mac: str, device_id: str = "") -> str:
+        offload = "" if self.csum_offload else ",csum=off"  # csum=off also rules out TSO
+        queues = f",mq=on,vectors={2 * self.queues + 2}" if self.queues > 1 else ""
+        named = f",id={device_id}" if device_id else ""
+        return f"virtio-net-pci,netdev={netdev},mac={mac}{offload}{queues}{named}"
+
+    def qmp(self, timeout: float = 30.0) -> Qmp:
+        """A QMP session with this guest's QEMU (use `with`)."""
+        return Qmp(self.qmp_path, timeout)
+
+    def arrived_from(self, source: "Guest") -> None:
+        """After a migration from `source` landed here: the guest is the one that
+        booted there (same addresses); commands now go through this QEMU's console."""
+        self.boot = source.boot
+
+    def hotplug(self, tap: str, mac: str, device_id: str) -> None:
+        """Plug a virtio-net NIC on `tap` into the running guest, as KubeVirt's
+        NIC hotplug does through libvirt (netdev_add, then device_add)."""
+        queues = {"queues": self.queues} if self.queues > 1 else {}
+        with self.qmp() as q:
+            q.execute("netdev_add", type="tap", id=f"{device_id}-net", ifname=tap, script="no", downscript="no",
+                      vhost=False, **queues)
+            extra = {"mq": True, "vectors": 2 * self.queues + 2} if self.queues > 1 else {}
+            q.execute("device_add", driver="virtio-net-pci", netdev=f"{device_id}-net", mac=mac, id=device_id,
+                      **({} if self.csum_offload else {"csum": False}), **extra)
+
+    def unplug(self, device_id: str, timeout: float = 60.0) -> None:
+        """Unplug a hot-plugged NIC (device_del, which the guest acknowledges, then netdev_del)."""
+        with self.qmp() as q:
+            q.execute("device_del", id=device_id)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if any(e.get("event") == "DEVICE_DELETED" and e.get("data", {}).get("device") == device_id
+                       for e in q.events):
+                    break
+                q.execute("query-status")  # reads the events that came meanwhile
+                time.sleep(0.1)
+            else:
+                raise GuestTimeout(f"the guest did not release {device_id} within {timeout:.0f} s")
+            q.execute("netdev_del", id=f"{device_id}-net")
 
     @property
     def qmp_path(self) -> str:
@@ -243,25 +298,8 @@ class Guest:
     def announce(self, rounds: int = 3) -> None:
         """Make QEMU announce the guest's NICs (RARP from each NIC's MAC), as it
         does when a live migration lands on the target node."""
-        import json as _json
-        import socket as _socket
-
-        with _socket.socket(_socket.AF_UNIX) as sock:
-            sock.settimeout(10)
-            sock.connect(self.qmp_path)
-            stream = sock.makefile("rwb")
-            stream.readline()  # greeting
-            for command in ({"execute": "qmp_capabilities"},
-                            {"execute": "announce-self",
-                             "arguments": {"initial": 50, "max": 100, "rounds": rounds, "step": 50}}):
-                stream.write(_json.dumps(command).encode() + b"\n")
-                stream.flush()
-                while True:
-                    reply = _json.loads(stream.readline() or b"{}")
-                    if "return" in reply or "error" in reply:
-                        break
-                if "error" in reply:
-                    raise GuestError(f"QMP {command['execute']} failed: {reply['error']}")
+        with self.qmp() as q:
+            q.execute("announce-self", initial=50, max=100, rounds=rounds, step=50)
 
     def close(self) -> None:
         """Kill qemu and reap it. Safe to call more than once."""

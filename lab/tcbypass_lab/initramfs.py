@@ -292,7 +292,31 @@ def _cpio_newc(entries: Sequence[_Entry]) -> bytes:
     return bytes(out)
 
 
-def _initramfs_entries(busybox: bytes, applets: list[str], modules: list[tuple[str, bytes]]) -> list[_Entry]:
+TOOLS_DIR = Path(__file__).with_name("guest_tools")
+TOOLS = ("tcb-udp",)  # C programs of ours the guest carries (static), from guest_tools/<name>.c
+
+
+def build_tools() -> list[tuple[str, bytes]]:
+    """Our guest tools, compiled static with the host's gcc: (name, binary)."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="tcb-guest-tools-") as tmp:
+        for name in TOOLS:
+            binary = f"{tmp}/{name}"
+            try:
+                proc = subprocess.run(["gcc", "-static", "-O2", "-o", binary, str(TOOLS_DIR / f"{name}.c")],
+                                      capture_output=True, text=True, timeout=120)
+            except FileNotFoundError:
+                raise GuestError("gcc is missing: the guest's tools are built with it",
+                                 hint="apt-get install gcc libc6-dev (scripts/setup.sh does)") from None
+            if proc.returncode != 0:
+                raise GuestError(f"cannot build the guest tool {name}: {proc.stderr.strip()[-500:]}",
+                                 hint="apt-get install gcc libc6-dev (a static libc is needed)")
+            out.append((name, Path(binary).read_bytes()))
+    return out
+
+
+def _initramfs_entries(busybox: bytes, applets: list[str], modules: list[tuple[str, bytes]],
+                       tools: Sequence[tuple[str, bytes]] = ()) -> list[_Entry]:
     d, f, x, ln = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755, stat.S_IFLNK | 0o777
     entries = [_Entry(p, d) for p in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys",
                                       "run", "tmp", "etc", "etc/tcb", "lib", "lib/modules", "lib/modules/tcb")]
@@ -307,6 +331,8 @@ def _initramfs_entries(busybox: bytes, applets: list[str], modules: list[tuple[s
     entries.append(_Entry("etc/tcb/modules", f, "".join(f"{name}\n" for name, _ in modules).encode()))
     for name, image in modules:
         entries.append(_Entry(f"lib/modules/tcb/{name}.ko", f, image))
+    for name, binary in tools:
+        entries.append(_Entry(f"usr/bin/{name}", x, binary))
     return entries
 
 
@@ -324,8 +350,10 @@ def build_initramfs(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, *, kernel:
                              timeout=10).stdout.split()
 
     digest = hashlib.sha256()
+    sources = [(TOOLS_DIR / f"{name}.c").read_bytes() for name in TOOLS]
     for part in (str(INITRAMFS_FORMAT).encode(), kernel.version.encode(), busybox, " ".join(applets).encode(),
-                 INIT_SCRIPT.encode(), UDHCPC_SCRIPT.encode(), *(name.encode() + image for name, image in modules)):
+                 INIT_SCRIPT.encode(), UDHCPC_SCRIPT.encode(), *(name.encode() + image for name, image in modules),
+                 *sources):
         digest.update(hashlib.sha256(part).digest())
     cache = Path(cache_dir)
     target = cache / f"initramfs-{kernel.version}-{digest.hexdigest()[:16]}.cpio.gz"
@@ -333,7 +361,8 @@ def build_initramfs(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, *, kernel:
         return target
 
     cache.mkdir(parents=True, exist_ok=True)
-    archive = gzip.compress(_cpio_newc(_initramfs_entries(busybox, applets, modules)), compresslevel=6, mtime=0)
+    archive = gzip.compress(_cpio_newc(_initramfs_entries(busybox, applets, modules, build_tools())),
+                            compresslevel=6, mtime=0)
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".initramfs-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:

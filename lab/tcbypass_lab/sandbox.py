@@ -29,6 +29,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from .ovs import NETDEV, PrivateOvs, choose_datapath
 
@@ -307,7 +308,7 @@ class Sandbox:
     def add_vm(self, vmi: str, ips: list[str], namespace: str = "default", vm_link: str = "veth",
                providers: tuple[str, ...] = (), managed_tap: bool = False,
                netns_by_pid: bool = False, dual_stack: bool = False,
-               pod_nic_type: str = "veth-pair") -> list[VmNic]:
+               pod_nic_type: str = "veth-pair", macs: Sequence[str] = ()) -> list[VmNic]:
         """A virt-launcher pod with bridge binding for VMI `vmi`: one NIC per IP.
 
         The first NIC is the primary (tap0, k6t-eth0, eth0-nic, dummy eth0);
@@ -321,6 +322,8 @@ class Sandbox:
         `dual_stack`: each NIC also gets the IPv6 address v6_of(its IPv4).
         `pod_nic_type`: how Kube-OVN plugs the pod (veth-pair, or internal-port: an
         OVS internal port moved into the pod, which KubeVirt then renames and bridges).
+        `macs`: the NICs' MACs (Kube-OVN's allocation), when they must be given: the
+        target pod of a live migration has the source pod's.
         """
         pod_ns = self.add_netns(f"pod-{vmi}"[:20])
         pod_netns = self.held_by_process(pod_ns) if netns_by_pid else ""
@@ -329,7 +332,8 @@ class Sandbox:
                     mac="", ip="", vmi=vmi, namespace=namespace, cid=secrets.token_hex(32))
         return [self._add_nic(pod, i, ip, providers[i - 1] if 0 < i <= len(providers) else f"net{i}",
                               managed_tap=managed_tap, pod_netns=pod_netns, dual_stack=dual_stack,
-                              pod_nic_type=pod_nic_type) for i, ip in enumerate(ips)]
+                              pod_nic_type=pod_nic_type, mac=macs[i] if i < len(macs) else "")
+                for i, ip in enumerate(ips)]
 
     def hotplug_nic(self, pod: list[VmNic], ip: str, provider: str) -> VmNic:
         """A NIC hot-plugged into the running VM of this pod (KubeVirt's NIC hotplug,
@@ -355,7 +359,7 @@ class Sandbox:
         pod.remove(nic)
 
     def _add_nic(self, pod: VmNic, i: int, ip: str, provider: str, managed_tap: bool = False, pod_netns: str = "",
-                 dual_stack: bool = False, pod_nic_type: str = "veth-pair") -> VmNic:
+                 dual_stack: bool = False, pod_nic_type: str = "veth-pair", mac: str = "") -> VmNic:
         """NIC number `i` of the VM pod `pod` (its namespaces, VMI and container id): Kube-OVN's
         port, then KubeVirt's bridge binding."""
         vmi, namespace = pod.vmi, pod.namespace
@@ -366,7 +370,7 @@ class Sandbox:
             h = hashlib.sha256(provider.encode()).hexdigest()[:11]  # KubeVirt hashes the network name
             names = dict(tap=f"tap{h}", bridge=f"k6t-{h}", nic=f"{h}-nic", dummy=f"pod{h}")
             iface_id, suffix, vm_dev = f"{vmi}.{namespace}.{provider}", f"_{i}", f"eth{i}"
-        mac = mac_for(f"{self.tag}{vmi}{i}")
+        mac = mac or mac_for(f"{self.tag}{vmi}{i}")
         nic = VmNic(iface_id=iface_id, pod_ns=pod.pod_ns, vm_ns=pod.vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
                     host_port="", ip6=v6_of(ip) if dual_stack else "", vmi=vmi, namespace=namespace, cid=pod.cid,
                     index=i, **names)

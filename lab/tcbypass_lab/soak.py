@@ -24,26 +24,21 @@ to where they started once the churn stops.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import secrets
-import shutil
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from tcbypass import attachments
 from tcbypass.errors import TcbError
-from tcbypass.maps import PIN_LAYOUT
-from tcbypass.model import pin_id
 
-from .agentproc import AgentProcess, parse_metrics
+from .agentproc import parse_metrics
+from .cluster import EmulatedNode
 from .kobjects import tcb_objects
 from .results import percentile
-from .sandbox import Sandbox, sh, wait_for_ping
+from .sandbox import sh, wait_for_ping
 from .streams import MultiStream, PingFlow
 
 Progress = Callable[[str], None]
@@ -89,41 +84,6 @@ class Lifecycle:
     ended: float = 0.0
 
 
-@dataclass
-class Node:
-    """The soak's node: the sandbox, where the agent keeps its state, the agent."""
-
-    sb: Sandbox
-    root: str  # the soak's private directory (bpffs and run directory under it)
-    agent: AgentProcess | None = None
-
-    @property
-    def bpffs(self) -> str:
-        return f"{self.root}/bpffs"
-
-    @property
-    def run_dir(self) -> str:
-        return f"{self.root}/run"
-
-    @property
-    def env(self) -> dict:
-        return {"TCBYPASS_BPFFS": self.bpffs, "TCBYPASS_RUN_DIR": self.run_dir}
-
-    def pin_dir(self, name: str) -> str:
-        return f"{self.bpffs}/tcbypass/{PIN_LAYOUT}/{pin_id(name)}"
-
-    def record(self, name: str):
-        return attachments.read_record(self.pin_dir(name))
-
-    def pins(self) -> int:
-        with contextlib.suppress(FileNotFoundError):
-            return len(os.listdir(f"{self.bpffs}/tcbypass/{PIN_LAYOUT}"))
-        return 0
-
-    def run_entries(self) -> int:
-        return sum(len(files) for _, _, files in os.walk(self.run_dir))
-
-
 def _wait(predicate: Callable[[], bool], timeout: float = WAIT, poll: float = 0.01) -> float | None:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -141,7 +101,7 @@ def _ifindex(ns: str, dev: str) -> int | None:
 class Churn:
     """The workers that create and delete VM pods, and what each lifecycle measured."""
 
-    def __init__(self, node: Node, plan: SoakPlan):
+    def __init__(self, node: EmulatedNode, plan: SoakPlan):
         self.node, self.plan = node, plan
         self.rng = random.Random(plan.seed)
         self.lock = threading.Lock()
@@ -253,7 +213,7 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
 class Sampler:
     """Takes a sample of the agent and the kernel every `every` seconds on a thread."""
 
-    def __init__(self, node: Node, churn: Churn, every: float, started: float):
+    def __init__(self, node: EmulatedNode, churn: Churn, every: float, started: float):
         self.node, self.churn, self.every, self.started = node, churn, every, started
         self.samples: list[dict] = []
         self._stop = threading.Event()
@@ -286,7 +246,7 @@ class Sampler:
         self.thread.join()
 
 
-def _long_lived(node: Node, plan: SoakPlan, step: Progress):
+def _long_lived(node: EmulatedNode, plan: SoakPlan, step: Progress):
     """The long-lived VM pods, attached, their bridges forwarding no unicast."""
     sb = node.sb
     pods = []
@@ -306,18 +266,11 @@ def _long_lived(node: Node, plan: SoakPlan, step: Progress):
 def run(plan: SoakPlan, progress: Progress | None = None) -> dict:
     """Build the node, soak it, tear it all down; the report."""
     step = progress or (lambda _text: None)
-    tag = secrets.token_hex(3)
-    node = Node(Sandbox(ovs=True), f"/run/tcbypass-soak-{tag}")
-    os.makedirs(node.bpffs)
-    sh("mount", "-t", "bpf", "bpf", node.bpffs)
     report: dict = {"plan": asdict(plan), "targets": TARGETS}
-    try:
-        step("building the node: a private Open vSwitch and a server pod")
-        node.sb.__enter__()
+    with EmulatedNode.up("soak") as node:
+        step("building the node: a private Open vSwitch, a server pod, the agent")
         server = node.sb.add_server_pod("web", SERVER_IP, namespace=NAMESPACE)
-        node.agent = AgentProcess.on(node.sb, env=node.env)
-        if _wait(lambda: node.agent.metrics_text(timeout=1) is not None) is None:
-            raise SoakError("the agent did not start", hint=f"see {node.agent.log_path}")
+        node.start_agent()
         pods = _long_lived(node, plan, step)
         flows = [(f"{nic.iface_id} ->", nic.vm_ns, server, SERVER_IP, 20000 + i) for i, nic in enumerate(pods)]
         flows += [(f"-> {nic.iface_id}", server, nic.vm_ns, nic.ip, 21000 + i) for i, nic in enumerate(pods)]
@@ -361,15 +314,9 @@ def run(plan: SoakPlan, progress: Progress | None = None) -> dict:
         report["agent"] = _agent_figures(node, report, churn)
         report["flat"] = _flatness(report)
         report["judged"] = judge(report)
-        return report
-    finally:
+        report["agent_exit"] = node.stop_agent()
         step("tearing down")
-        if node.agent is not None:
-            node.agent.stop()
-            report["agent_exit"] = node.agent.proc.returncode
-        node.sb.close()
-        sh("umount", node.bpffs, check=False)
-        shutil.rmtree(node.root, ignore_errors=True)
+    return report
 
 
 def _lifecycles(done: list[Lifecycle]) -> dict:
@@ -381,7 +328,7 @@ def _lifecycles(done: list[Lifecycle]) -> dict:
     return out
 
 
-def _agent_figures(node: Node, report: dict, churn: Churn) -> dict:
+def _agent_figures(node: EmulatedNode, report: dict, churn: Churn) -> dict:
     metrics = parse_metrics(node.agent.metrics_text() or "")
     cpu = report["final"]["cpu_s"] - report["baseline"]["cpu_s"]
     return {"cpu_s_per_1000_lifecycles": round(cpu / max(1, len(churn.done)) * 1000, 2),
