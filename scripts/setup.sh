@@ -3,6 +3,10 @@
 # at any time. Debian 12 / Ubuntu 22.04+ as root.
 #
 #   scripts/setup.sh            system packages, kernel headers, bpffs, venv
+#   TCBYPASS_SETUP=node scripts/setup.sh
+#                               only what the node tool and its namespace tests need
+#                               (the Vagrant box has it all, so provisioning there
+#                               installs nothing from the network)
 #
 # The venv lives in .venv next to this checkout and sees the distribution's
 # bcc (python3-bpfcc); bcc is never installed from PyPI (the PyPI "bcc" is an
@@ -22,14 +26,18 @@ packages=(
     openvswitch-switch                   # ovsdb-server and ovs-vswitchd for tests and demo
     nftables                             # binding tests: masquerade's NAT rules, written as virt-handler does
     qperf iperf3                         # benchmarks
-    qemu-system-x86 busybox-static cpio  # VM tests: a real guest on the tap
-    gcc libc6-dev                        # ... and the static UDP tool it carries (lab/tcbypass_lab/guest_tools)
-    mmdebstrap e2fsprogs git             # kernel matrix: guest images (mkfs.ext4 -d), the checkout to ship
-    vagrant vagrant-libvirt              # to validate vagrant/Vagrantfile (no box is downloaded)
-    mmdebstrap skopeo                    # scripts/build-image.sh: the agent's image from Debian packages
-    podman runc                          # tests/image: run the DaemonSet's pod (runc: crun fails on hybrid cgroups)
-
+    busybox-static cpio gcc libc6-dev git
 )
+if [ "${TCBYPASS_SETUP:-all}" != node ]; then
+    packages+=(
+        qemu-system-x86 qemu-utils       # VM tests: a real guest on the tap (gcc: the static UDP tool it carries)
+        mmdebstrap e2fsprogs             # kernel matrix and Vagrant box: images from Debian's packages
+        vagrant vagrant-libvirt          # Vagrant: the local box on libvirt ...
+        libvirt-daemon-system libvirt-clients dnsmasq-base rsync   # ... which the lab starts itself
+        skopeo                           # scripts/build-image.sh: the agent's image from Debian packages
+        podman runc                      # tests/image: run the DaemonSet's pod (runc: crun fails on hybrid cgroups)
+    )
+fi
 kver=$(uname -r)
 missing=()
 for p in "${packages[@]}"; do
@@ -46,10 +54,12 @@ if [ ! -e "/lib/modules/$kver/build/include" ]; then
     dpkg-query -W -f='${Status}' "$headers_pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$headers_pkg")
 fi
 # passt for the binding tests (a real passt in the passt pod); older releases lack the package.
-if apt-cache show passt >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-cache show passt >/dev/null 2>&1; }; then
-    dpkg-query -W -f='${Status}' passt 2>/dev/null | grep -q 'install ok installed' || missing+=(passt)
-else
-    say "no passt package here: the passt binding test will fail until passt is installed"
+if [ "${TCBYPASS_SETUP:-all}" != node ]; then
+    if apt-cache show passt >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-cache show passt >/dev/null 2>&1; }; then
+        dpkg-query -W -f='${Status}' passt 2>/dev/null | grep -q 'install ok installed' || missing+=(passt)
+    else
+        say "no passt package here: the passt binding test will fail until passt is installed"
+    fi
 fi
 # The guest kernel for the VM tests (any distribution kernel with virtio_net).
 ls /boot/vmlinuz-* >/dev/null 2>&1 || missing+=(linux-image-amd64)
@@ -92,6 +102,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 # Two distributions from this checkout: the node tool (what a node's image holds) and its lab.
-"$venv/bin/python" -m pip install -q -e "$here[test]" -e "$here/lab[bench]"
+# (TCBYPASS_SETUP=node: the lab without its plotting extra.)
+lab_extra="[bench]"
+[ "${TCBYPASS_SETUP:-all}" = node ] && lab_extra=""
+"$venv/bin/python" -m pip install -q -e "$here[test]" -e "$here/lab$lab_extra"
 "$venv/bin/python" -c 'import bcc' || { echo "setup: the venv does not see bcc" >&2; exit 1; }
 say "ready: $venv/bin/tcbypass ($("$venv/bin/tcbypass" --version)), $venv/bin/tcbypass-lab"

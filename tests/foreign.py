@@ -122,7 +122,8 @@ def _count_then_continue(map_fd: int) -> bytes:
 
 def _mark_frames(map_fd: int) -> bytes:
     """Mark every frame 0x42 (and count it), let all through."""
-    return _insn(0x62, dst=1, off=MARK_OFFSET, imm=0x42) + _count_then_continue(map_fd)
+    # A store from a register: kernels before 6.x refuse an immediate store (BPF_ST) into the context.
+    return _insn(0xB7, dst=2, imm=0x42) + _insn(0x63, dst=1, src=2, off=MARK_OFFSET) + _count_then_continue(map_fd)
 
 
 def _count_marked(map_fd: int) -> bytes:

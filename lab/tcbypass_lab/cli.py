@@ -301,6 +301,40 @@ def soak(lab: Lab, lifecycles: int | None, long_lived: int | None, workers: int 
 
 
 @main.command()
+@click.option("--rebuild", is_flag=True, help="Build the box again even when the cache has this recipe's.")
+@click.pass_obj
+def box(lab: Lab, rebuild: bool) -> None:
+    """Build the local Vagrant box (Debian 12, from Debian's packages), add it to
+    Vagrant, and have libvirt running for it.
+
+    Made with the kernel matrix's image builder and cached: rebuilt only when
+    its recipe changes (a few minutes), otherwise a few seconds. Added to
+    Vagrant as tcbypass/debian12, which vagrant/Vagrantfile uses by default
+    (and builds it with this command on `vagrant up`). Where nothing runs
+    libvirtd (no systemd), it is started here and left running for the VM.
+    """
+    from . import box as boxes, vagrant
+
+    require_root("box")
+    logging.getLogger().setLevel(logging.INFO)
+    built = run(boxes.ensure_added, rebuild=rebuild)
+    how = f"built in {built.built_seconds:.0f} s" if built.built_seconds else "from the cache"
+    click.echo(f"{boxes.BOX_NAME}: {built.path} ({how})")
+    started = run(vagrant.ensure_libvirt)
+    if started:
+        click.echo(f"started libvirt (pids {' '.join(map(str, started))}); stop it with kill when done")
+
+
+@main.command()
+def accel() -> None:
+    """Print kvm or tcg: what the lab's guests use here (KVM only where a guest boots under it)."""
+    from .accel import pick_accel
+    from .initramfs import find_guest_kernel
+
+    click.echo(run(pick_accel, "auto", str(find_guest_kernel().image)))
+
+
+@main.command()
 @click.option("--runs", type=click.IntRange(1, 50), default=5, show_default=True, metavar="N",
               help="Migrations each way, with the agents and again without tcbypass.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",

@@ -147,6 +147,9 @@ class ImageRecipe:
     initramfs: tuple[str, str] = (INITRAMFS_CONF, INITRAMFS_HOOK)
     excludes: tuple[str, ...] = DPKG_EXCLUDES
     format: int = IMAGE_FORMAT
+    customize: tuple[str, ...] = ()  # more mmdebstrap customize hooks, run after ours ($1 is the root)
+    wheelhouse: str = ""  # also keep the wheels in the image here (offline pip installs)
+    free_bytes: int = 1 << 30  # room left in the filesystem for what runs in it
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -228,6 +231,8 @@ def mmdebstrap_argv(recipe: ImageRecipe, rootfs: str, wheels: str, init_file: st
         # `tcbypass` on PATH runs the checkout that the job puts on PYTHONPATH.
         f"upload {shim_file} /usr/local/bin/tcbypass",
         'chmod 755 "$1/usr/local/bin/tcbypass"',
+        *([f'mkdir -p "$1{recipe.wheelhouse}"', f"sync-in {wheels} {recipe.wheelhouse}"] if recipe.wheelhouse else []),
+        *recipe.customize,
         'chroot "$1" dpkg-query -W -f "\\${Package} \\${Version}\\n" > "$1/tcb-packages.txt"',
         f'chroot "$1" {GUEST_VENV}/bin/pip freeze --exclude-editable > "$1/tcb-wheels.txt"',
     ]
@@ -244,9 +249,9 @@ def _sq(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def image_size_bytes(used_bytes: int) -> int:
+def image_size_bytes(used_bytes: int, free_bytes: int = 1 << 30) -> int:
     """Room for the tree plus free space the tests write into (through the overlay)."""
-    return (used_bytes * 5 // 4 + (1 << 30) + (1 << 20) - 1) // (1 << 20) * (1 << 20)
+    return (used_bytes * 5 // 4 + free_bytes + (1 << 20) - 1) // (1 << 20) * (1 << 20)
 
 
 def kernel_version_of(modules_dirs: list[str]) -> str:
@@ -369,7 +374,7 @@ def _build(recipe: ImageRecipe, cache: Path, build_log: str | None) -> Image:
                                       check=True).stdout.split()[0])
             img = out / "rootfs.img"
             with open(img, "wb") as f:
-                f.truncate(image_size_bytes(used))
+                f.truncate(image_size_bytes(used, recipe.free_bytes))
             _run(["mkfs.ext4", "-q", "-F", "-L", "tcbroot", "-d", str(rootfs), str(img)], logf, 600,
                  "mkfs.ext4 -d")
             os.chmod(img, 0o444)  # runs only ever read it, through an overlay

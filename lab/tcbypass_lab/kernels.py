@@ -187,8 +187,11 @@ def job_script(groups: Sequence[TestGroup], env: dict[str, str] | None = None) -
     lines = [
         "#!/bin/sh",
         "# Written by lab/tcbypass_lab/kernels.py for one kernel-matrix run.",
-        f"share={SHARE_MOUNT}; out=$share/out; src=/root/tcbypass",
-        'mkdir -p "$out" "$src" && tar -xf "$share/src.tar" -C "$src" && cd "$src" || exit 120',
+        # Readable by every user (a test runs the CLI as nobody), as a checkout on a host is.
+        f"share={SHARE_MOUNT}; out=$share/out; src=/srv/tcbypass",
+        'mkdir -p "$out" "$src" && tar -xf "$share/src.tar" -C "$src" && chmod -R a+rX "$src" && cd "$src" || exit 120',
+        # Modules a node has loaded by the time pods run (no udev here to load them on demand).
+        "modprobe -a tun openvswitch 2>/dev/null",
         f"export PYTHONPATH=$src:$src/lab PYTHONDONTWRITEBYTECODE=1 PATH={GUEST_VENV}/bin:$PATH",
         *([f"export {exports}"] if exports else []),
         f"py={GUEST_VENV}/bin/python",

@@ -97,9 +97,11 @@ def test_two_vmis_with_the_same_ifindexes_each_carry_only_their_own_traffic(node
     for nic in (a, b):
         assert wait_for_ping(nic.vm_ns, SERVER_IP)
         sb.block_bridge_unicast(nic)
-        # A static neighbour, so that only the pings below (no ARP probes) leave the VM as unicast.
+        # Static neighbours both ways, so that only the pings below leave the VM as unicast: no ARP
+        # probes of its own, and no replies to the server's (a slow guest lets its entries go stale).
         sh("ip", "neigh", "replace", SERVER_IP, "lladdr", web_mac, "dev", "eth0", "nud", "permanent",
            netns=nic.vm_ns)
+        sh("ip", "neigh", "replace", nic.ip, "lladdr", nic.mac, "dev", "eth0", "nud", "permanent", netns=server)
     assert cli(sb, "attach", "vma", "-n", "team-a").returncode == 0
     assert cli(sb, "attach", "vmb", "-n", "team-b").returncode == 0
     before = {r["vmi"]: r["counters"]["redirected_packets"] for r in rows(sb)}
@@ -257,17 +259,24 @@ def test_both_from_vm_modes_carry_traffic_through_ovs(node, mode):
     """With OVS's userspace datapath the host side of the pod veth is no switch
     port in the kernel (OVS reads it through a packet socket, and the node's
     stack sees its frames too), so auto takes peer-host: only frames for the
-    host side's own MAC go by peer, the rest through the pod NIC. Either
-    way OVS receives every frame and switches it to the server pod, so ping
-    and TCP work with the bridge blocked; switching modes is a refresh."""
+    host side's own MAC go by peer, the rest through the pod NIC. On the
+    kernel datapath the host side is a port of ovs-system, so auto takes peer
+    for every frame. Either way OVS receives every frame and switches it to
+    the server pod, so ping and TCP work with the bridge blocked; switching
+    modes is a refresh."""
+    from tcbypass import features
+    from tcbypass_lab.ovs import SYSTEM
+
     sb, server = node
+    peer = "peer" if sb.datapath == SYSTEM else "peer-host"
+    hook = features.probe().best_hook
     [nic] = sb.add_vm("vmp", ["10.16.0.20"], namespace="prod")
     assert wait_for_ping(nic.vm_ns, SERVER_IP)
     sb.block_bridge_unicast(nic)
     proc = cli(sb, "attach", "vmp", "-n", "prod", *(() if mode == "auto" else ("--from-vm", mode)))
     assert proc.returncode == 0, proc.stderr
     [row] = rows(sb, "vmp", "prod")
-    assert (row["from_vm"], row["hook"]) == ("peer-host" if mode == "auto" else "redirect", "tcx")
+    assert (row["from_vm"], row["hook"]) == (peer if mode == "auto" else "redirect", hook)
     rx = ovs_rx_packets(sb, nic.host_port)
     assert ping(nic.vm_ns, SERVER_IP, count=5) == (5, 5)
     assert ovs_rx_packets(sb, nic.host_port) >= rx + 5, "OVS received the echo requests on the pod's port"
@@ -276,7 +285,7 @@ def test_both_from_vm_modes_carry_traffic_through_ovs(node, mode):
     other = "redirect" if mode == "auto" else "peer"
     proc = cli(sb, "attach", "vmp", "-n", "prod", "--from-vm", other)
     assert proc.returncode == 0 and "refreshed" in proc.stdout, proc.stdout
-    assert rows(sb, "vmp", "prod")[0]["from_vm"] == ("redirect" if other == "redirect" else "peer-host")
+    assert rows(sb, "vmp", "prod")[0]["from_vm"] == ("redirect" if other == "redirect" else peer)
     assert ping(nic.vm_ns, SERVER_IP, count=3) == (3, 3)
 
 
