@@ -73,6 +73,10 @@ enum tcb_reason {
 #define TCB_F_PEER		0x2	/* by peer: frames for the host side's own MAC */
 #define TCB_F_PEER_ALL		0x4	/* by peer: every frame (the host side is a switch port) */
 #define TCB_F_KERNEL_TYPES	0x8	/* the kernel types peer-redirected frames itself */
+/* Bits 4-15: the path's MTU, in units of 4 bytes (0: none known). */
+#define TCB_MTU_SHIFT		4
+#define TCB_MTU_UNIT		4
+#define TCB_MIN_L3L4_HLEN	40	/* IPv4 + TCP without options: a GSO segment's least header */
 
 /* The attachment, entry 0 of tcb_config. 28 bytes, no holes. */
 struct tcb_config {
@@ -241,6 +245,25 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, const struct tc
 }
 
 /*
+ * Is this frame longer than the path's MTU? Over the bridge the veth's
+ * crossing into the node drops such a frame (is_skb_forwardable(), which
+ * for a GSO packet checks its segments); a peer redirect would deliver it.
+ * So it takes bpf_redirect() through the pod NIC, whose crossing does
+ * exactly what the bridge path does with it. A VM whose MTU is wrong is the
+ * only one that sends such frames: the cost is one compare for the others.
+ */
+static __always_inline int tcb_oversized(struct __sk_buff *skb, const struct tcb_config *cfg)
+{
+	__u32 mtu = (cfg->flags >> TCB_MTU_SHIFT) * TCB_MTU_UNIT;
+
+	if (!mtu)
+		return 0;
+	if (skb->gso_size)
+		return skb->gso_size + TCB_MIN_L3L4_HLEN > mtu;
+	return skb->len > mtu + ETH_HLEN;
+}
+
+/*
  * Should this frame from the VM go by bpf_redirect_peer()? Handed over by
  * peer, a frame skips the host side's receive path, where eth_type_trans()
  * would have set its packet type from its destination MAC. Older kernels
@@ -262,7 +285,7 @@ static __always_inline int tcb_by_peer(struct __sk_buff *skb, const struct tcb_c
 	struct ethhdr *eth = data;
 	int for_host;
 
-	if ((void *)(eth + 1) > data_end)
+	if ((void *)(eth + 1) > data_end || tcb_oversized(skb, cfg))
 		return 0;
 	for_host = tcb_mac_eq(eth->h_dest, cfg->host_mac);
 	if (!for_host && !(cfg->flags & TCB_F_PEER_ALL))

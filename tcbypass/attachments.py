@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from . import bpfsys, build, failpoints, features, loader, netdev, netns, paths, tc, tcx
 from .errors import BpfError, BusyError, DeviceError, InputError, NetnsError, TcbError
 from .maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, META, TAP, AttachmentMaps, Direction,
-                   config_entry, parse_mac)
+                   config_entry, mtu_flags, parse_mac)
 from .model import AttachResult, AttachSpec, Record, name_of_pin, pin_id
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,21 @@ def choose_hook(requested: str, found: features.Features) -> str:
     return hook
 
 
+def _check_mtus(tap: netdev.Link, nic: netdev.Link, host: netdev.Link | None) -> None:
+    """Over the bridge, a frame for the VM longer than the tap's MTU is dropped
+    (the bridge checks every port it forwards to), and one from the VM longer
+    than the pod NIC's is dropped the same way. The program holds the smaller
+    of the pod NIC's and its host side's MTU for frames from the VM (longer
+    ones take the veth's own path, which drops them as the bridge does); a
+    tap whose MTU is below the pod NIC's would let frames through to the VM
+    that the bridge drops, so that wiring is refused. KubeVirt gives the tap
+    the pod's MTU."""
+    if tap.mtu and nic.mtu and tap.mtu < nic.mtu:
+        raise DeviceError(f"{tap.name}'s MTU ({tap.mtu}) is below {nic.name}'s ({nic.mtu}): bypassing the bridge "
+                          f"would hand the VM frames the bridge drops",
+                          hint=f"give {tap.name} the pod's MTU, as KubeVirt does: ip link set {tap.name} mtu {nic.mtu}")
+
+
 def choose_mode(requested: str, nic: netdev.Link, host: netdev.Link | None, found: features.Features) -> str:
     """How frames from the VM leave (features.MODE_*).
 
@@ -195,6 +210,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
                 log.info("%s: clearing an incomplete earlier attach", spec.name)
                 _teardown(ipr, pin_dir, None)
                 loader.remove_pins(pin_dir)
+            _check_mtus(tap, nic, host)
             want = Record(
                 name=spec.name, netns=ref.path, netns_id=ref.identity,
                 tap=tap.name, tap_ifindex=tap.index, nic=nic.name, nic_ifindex=nic.index,
@@ -202,6 +218,7 @@ def attach(spec: AttachSpec, test_build: bool = False) -> AttachResult:
                 digest=build.key(which),
                 vmi=spec.vmi, namespace=spec.namespace, iface_id=spec.iface_id, managed_by=spec.managed_by,
                 from_vm=mode, host_mac=host.mac if host else "", hook=hook,
+                mtu=min(m for m in (nic.mtu, host.mtu if host else 0) if m) if nic.mtu else 0,
                 attached_at=old.attached_at if old else time.time(),
             )
             if old and old.complete and old.same_wiring(want) and not problems(old, pin_dir, ipr):
@@ -249,7 +266,7 @@ def _program(ipr, ref: netns.NetnsRef, work_dir: str, link_dir: str, want: Recor
     (the attachment's directory) while their programs are swapped in place,
     so that status sees a half-done swap as it is."""
     flags = (F_DHCP_TO_BRIDGE if want.dhcp_to_bridge else 0) | {
-        features.MODE_PEER: F_PEER | F_PEER_ALL, features.MODE_PEER_HOST: F_PEER}.get(want.from_vm, 0)
+        features.MODE_PEER: F_PEER | F_PEER_ALL, features.MODE_PEER_HOST: F_PEER}.get(want.from_vm, 0) | mtu_flags(want.mtu)
     if want.from_vm != features.MODE_REDIRECT and features.probe().kernel_types_peer:
         flags |= F_KERNEL_TYPES  # the kernel types peer-redirected frames: no call to do it
     bridge_mac = parse_mac(want.bridge_mac) if want.bridge_mac else bytes(6)

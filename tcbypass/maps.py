@@ -45,6 +45,14 @@ F_DHCP_TO_BRIDGE = 0x1  # leave DHCPv4 to the in-pod server
 F_PEER = 0x2  # from the VM by bpf_redirect_peer(): frames for the host side's own MAC
 F_PEER_ALL = 0x4  # ... every frame (the host side is a switch port)
 F_KERNEL_TYPES = 0x8  # the kernel makes peer-redirected frames PACKET_HOST itself (6.15+, and stable kernels with the fix)
+# The path's MTU rides in the flags' upper 12 bits, in units of 4 bytes (up to 16380; 0: no limit).
+MTU_SHIFT, MTU_UNIT = 4, 4
+MTU_MAX = ((1 << 12) - 1) * MTU_UNIT
+
+
+def mtu_flags(mtu: int) -> int:
+    """The flags' bits that carry `mtu` (rounded down to its unit, so never above it)."""
+    return (min(mtu, MTU_MAX) // MTU_UNIT) << MTU_SHIFT if mtu > 0 else 0
 TYPE_BY_KERNEL = 0xFF  # TCB_TEST: the packet type was left to the kernel
 
 # TC verdicts (uapi/linux/pkt_cls.h) the program may return, as the u32

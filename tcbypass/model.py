@@ -75,6 +75,7 @@ class Record:
     from_vm: str = "redirect"  # peer | peer-host | redirect (features.MODE_*)
     host_mac: str = ""  # MAC of the pod veth's host side
     hook: str = "clsact"  # tcx or clsact (attachments of tcbypass 0.1 are all clsact)
+    mtu: int = 0  # the smallest MTU of the pod NIC and its host side: longer frames never go by peer
     attached_at: float = 0.0
     complete: bool = False  # False while an attach is under way (or was interrupted)
 
@@ -92,7 +93,7 @@ class Record:
     def same_wiring(self, other: "Record") -> bool:
         """Would `other` program the datapath exactly as this one does?"""
         keys = ("netns_id", "tap", "tap_ifindex", "nic", "nic_ifindex", "bridge_mac", "mac", "dhcp_to_bridge",
-                "digest", "vmi", "namespace", "iface_id", "from_vm", "host_mac", "hook")
+                "digest", "vmi", "namespace", "iface_id", "from_vm", "host_mac", "hook", "mtu")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 

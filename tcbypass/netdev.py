@@ -29,6 +29,7 @@ class Link:
     mode: str = ""  # macvlan/macvtap mode (bridge, passthru, ...)
     phys_port_name: str = ""  # IFLA_PHYS_PORT_NAME, e.g. pf0vf2 on an SR-IOV VF representor
     phys_switch_id: str = ""  # IFLA_PHYS_SWITCH_ID (hex): the e-switch a representor belongs to
+    mtu: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ def _decode(msg) -> Link:
         mode=str(_info_data(info, f"IFLA_{kind.upper()}_MODE") or "") if kind in ("macvtap", "macvlan") else "",
         phys_port_name=msg.get_attr("IFLA_PHYS_PORT_NAME") or "",
         phys_switch_id=str(switch_id or ""),
+        mtu=msg.get_attr("IFLA_MTU") or 0,
     )
 
 

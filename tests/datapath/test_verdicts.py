@@ -19,7 +19,7 @@ from scapy.layers.l2 import ARP, Dot1Q
 from scapy.packet import Raw
 
 from tcbypass.maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, PACKET_HOST, PACKET_OTHERHOST,
-                           TYPE_BY_KERNEL, Reason, config_entry, parse_mac)
+                           TYPE_BY_KERNEL, Reason, config_entry, mtu_flags, parse_mac)
 
 from .pktgen import (
     ADDR,
@@ -333,6 +333,19 @@ def test_what_does_not_go_by_peer_keeps_its_mark_as_over_the_bridge(dp):
     assert not plain.recorded.peer and plain.mark == 0x42
     assert dp.to_vm(tcp_to_vm(), mark=0x42).mark == 0x42
     assert dp.from_vm(dhcp_request_from_vm(), mark=0x42).mark == 0x42
+
+
+@pytest.mark.parametrize("flags", [F_PEER, F_PEER | F_PEER_ALL | F_KERNEL_TYPES], ids=["peer-host", "peer"])
+def test_a_frame_longer_than_the_paths_mtu_crosses_the_veth_as_over_the_bridge(dp, flags):
+    """With the path's MTU in the config, a frame from the VM longer than it is
+    handed to the pod NIC's egress (its veth crossing drops it, as behind the
+    bridge), never by peer; frames up to the MTU still go by peer."""
+    dp.wire(flags=F_DHCP_TO_BRIDGE | flags | mtu_flags(1400))
+    at_mtu = bytes(from_vm(dst=ADDR.host_mac) / IP(src=ADDR.vm_ip, dst=ADDR.peer_ip) / TCP() / Raw(b"x" * 1360))
+    longer = bytes(from_vm(dst=ADDR.host_mac) / IP(src=ADDR.vm_ip, dst=ADDR.peer_ip) / TCP() / Raw(b"x" * 1361))
+    assert len(at_mtu) == 14 + 1400
+    assert dp.from_vm(at_mtu).recorded.peer
+    dp.from_vm(longer).expect_redirect(to=dp.pod.nic)
 
 
 def test_to_vm_frames_never_go_by_peer(dp):

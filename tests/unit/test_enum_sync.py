@@ -11,7 +11,8 @@ import pytest
 from tcbypass import build
 import ctypes
 
-from tcbypass.maps import F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, TYPE_BY_KERNEL, ConfigEntry, CountersEntry, Direction, Reason
+from tcbypass.maps import (F_DHCP_TO_BRIDGE, F_KERNEL_TYPES, F_PEER, F_PEER_ALL, MTU_MAX, MTU_SHIFT, MTU_UNIT,
+                           TYPE_BY_KERNEL, ConfigEntry, CountersEntry, Direction, Reason, mtu_flags)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,16 @@ def test_config_flags_match(source):
     assert c_define(source, "TCB_F_PEER_ALL") == F_PEER_ALL
     assert c_define(source, "TCB_F_KERNEL_TYPES") == F_KERNEL_TYPES
     assert c_define(source, "TCB_TYPE_BY_KERNEL") == TYPE_BY_KERNEL
+    assert (c_define(source, "TCB_MTU_SHIFT"), c_define(source, "TCB_MTU_UNIT")) == (MTU_SHIFT, MTU_UNIT)
+    assert all(flag < 1 << MTU_SHIFT for flag in (F_DHCP_TO_BRIDGE, F_PEER, F_PEER_ALL, F_KERNEL_TYPES)), \
+        "the flags must stay below the bits that carry the MTU"
+
+
+def test_the_mtu_in_the_flags_never_rounds_up():
+    for mtu in (68, 1400, 1442, 1500, 9000, 16380, 65535):
+        carried = (mtu_flags(mtu) >> MTU_SHIFT) * MTU_UNIT
+        assert carried <= mtu and mtu - carried < MTU_UNIT or mtu > MTU_MAX
+    assert mtu_flags(0) == 0 and mtu_flags(1500) >> MTU_SHIFT == 375
 
 
 def c_struct_fields(source: str, name: str) -> list[tuple[str, str, int]]:
