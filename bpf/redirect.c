@@ -76,7 +76,7 @@ enum tcb_reason {
 /* Bits 4-15: the path's MTU, in units of 4 bytes (0: none known). */
 #define TCB_MTU_SHIFT		4
 #define TCB_MTU_UNIT		4
-#define TCB_MIN_L3L4_HLEN	40	/* IPv4 + TCP without options: a GSO segment's least header */
+#define TCB_MIN_L3L4_HLEN	28	/* IPv4 + UDP: the least header a GSO segment can carry */
 
 /* The attachment, entry 0 of tcb_config. 28 bytes, no holes. */
 struct tcb_config {
@@ -245,12 +245,15 @@ static __always_inline __u32 tcb_classify(struct __sk_buff *skb, const struct tc
 }
 
 /*
- * Is this frame longer than the path's MTU? Over the bridge the veth's
+ * Could this frame be longer than the path's MTU? Over the bridge the veth's
  * crossing into the node drops such a frame (is_skb_forwardable(), which
  * for a GSO packet checks its segments); a peer redirect would deliver it.
  * So it takes bpf_redirect() through the pod NIC, whose crossing does
- * exactly what the bridge path does with it. A VM whose MTU is wrong is the
- * only one that sends such frames: the cost is one compare for the others.
+ * exactly what the bridge path does with it. The test errs that way only:
+ * a GSO segment is taken to carry the least header there is, so every
+ * segment the veth would refuse is caught, and a well-sized TCP or UDP
+ * stream never is. Only a VM whose MTU is wrong sends such frames: the
+ * others pay one compare.
  */
 static __always_inline int tcb_oversized(struct __sk_buff *skb, const struct tcb_config *cfg)
 {

@@ -185,8 +185,9 @@ def detach_sandbox_attachments(sb: Sandbox) -> set[str]:
     return found
 
 
-def _node(ovs: bool):
-    with Sandbox(ovs=ovs) as sb:
+def sandbox_node(ovs: bool, mtu: int = 0):
+    """A sandbox node for a fixture (`mtu`: Kube-OVN's MTU); what the tests attached is detached at the end."""
+    with Sandbox(ovs=ovs, mtu=mtu) as sb:
         try:
             yield sb
         finally:
@@ -196,13 +197,13 @@ def _node(ovs: bool):
 @pytest.fixture
 def ovs_node():
     """A node with a private OVS (its own ovsdb-server and ovs-vswitchd)."""
-    yield from _node(ovs=True)
+    yield from sandbox_node(ovs=True)
 
 
 @pytest.fixture
 def bare_node():
     """A node without OVS: the pod's veth ends in the node namespace."""
-    yield from _node(ovs=False)
+    yield from sandbox_node(ovs=False)
 
 
 # --- sockets inside namespaces ----------------------------------------------------------

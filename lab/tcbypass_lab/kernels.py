@@ -124,12 +124,16 @@ KERNEL_DATAPATH_CI = TestGroup(
     "kernel-datapath", (f"tests/switch/test_attach.py::test_attach_status_and_detach_leave_the_pod_exactly_as_it_was{_V}",
                         f"tests/switch/test_attach.py::test_attach_status_and_detach_leave_the_pod_exactly_as_it_was{_I}",
                         f"tests/switch/test_ovn_policy.py::test_an_acl_dropping_one_udp_port_drops_it_on_the_fast_path_too{_V}",
-                        f"tests/switch/test_receiver.py::test_tcp_with_segments_larger_than_the_mtu_arrives_intact_both_ways{_V}",
+                        "tests/switch/test_mtu.py::test_large_tcp_segments_arrive_intact_both_ways[1400-veth-pair]",
+                        "tests/switch/test_mtu.py::test_frames_longer_than_the_path_meet_the_bridges_fate[1400-veth-pair]",
+                        "tests/switch/test_mtu.py::test_full_size_and_fragmented_udp_arrive_intact_both_ways"
+                        "[9000-internal-port]",
                         f"tests/switch/test_receiver.py::test_a_mark_set_in_the_pod_reaches_the_switch_as_over_the_bridge{_V}",
                         f"tests/switch/test_receiver.py::test_ipv6_takes_the_fast_path_both_ways{_V}",
                         _AGENT[0], _OVS_NO_LOSS[1]), 1500,
     "OVS kernel datapath, a subset of each area: attach/status --all/detach for both pod NIC types, an ACL kept, "
-    "TSO segments and IPv6 intact, no mark leaked, the agent attaching, no loss (about 5 minutes under TCG)")
+    "TSO segments at MTU 1400 and jumbo UDP intact, oversized frames as over the bridge, IPv6 intact, "
+    "no mark leaked, the agent attaching, no loss (about 6 minutes under TCG)")
 
 
 # The one place that says what runs in a guest. Explicit attach and no-loss

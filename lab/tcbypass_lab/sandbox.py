@@ -139,6 +139,7 @@ class VmNic:
     namespace: str = ""
     cid: str = ""  # the virt-launcher pod's container id (Kube-OVN names its ports after it)
     index: int = 0  # 0 for the primary NIC, then 1, 2, ... as KubeVirt numbers the VMI's interfaces
+    queues: int = 1  # a real guest's tap: >1 makes it multi-queue (networkInterfaceMultiqueue)
 
 
 def stop_all(procs: list, grace: float) -> None:
@@ -166,6 +167,7 @@ class Sandbox:
     netns_names: list = field(default_factory=list)
     run_dir: str = ""
     bridge: str = "br-int"
+    mtu: int = 0  # Kube-OVN's MTU for every pod NIC (1400 on its Geneve overlay); 0: the kernel's default
     _children: list = field(default_factory=list)  # helper processes started with spawn()
     switch: PrivateOvs | None = None
 
@@ -251,9 +253,12 @@ class Sandbox:
     # --- pods ---------------------------------------------------------------
     def plug(self, pod_ns: str, pod_dev: str, pod_name: str, namespace: str, iface_id: str, ip: str,
              container_id: str, suffix: str = "", pod_netns: str = "") -> str:
-        """What Kube-OVN's CNI does: a veth, the host end in br-int with its external_ids."""
+        """What Kube-OVN's CNI does: a veth, the host end in br-int with its external_ids.
+        Both ends get the MTU (pkg/daemon/ovs_linux.go, setupVethPair)."""
         host = self.host_port_name(container_id, suffix)
-        sh("ip", "link", "add", host, "netns", self.node, "type", "veth", "peer", "name", pod_dev, "netns", pod_ns)
+        mtu = ("mtu", str(self.mtu)) if self.mtu else ()
+        sh("ip", "link", "add", host, "netns", self.node, *mtu, "type", "veth", "peer", "name", pod_dev,
+           "netns", pod_ns, *mtu)
         sh("ip", "link", "set", host, "up", netns=self.node)
         if self.ovs:
             self.add_kubeovn_port(host, pod_ns, pod_name, namespace, iface_id, ip, pod_netns)
@@ -272,8 +277,18 @@ class Sandbox:
             if sh("ip", "link", "show", name, netns=self.node, check=False).returncode == 0:
                 break
             time.sleep(0.02)
+        if self.mtu:  # Kube-OVN asks OVS for the MTU (configureNic: mtu_request), which sets the device's
+            self.vsctl("set", "interface", name, f"mtu_request={self.mtu}")
+            self._wait_mtu(name, self.node)
         sh("ip", "link", "set", name, "address", mac, "netns", pod_ns, netns=self.node)
         return name
+
+    def _wait_mtu(self, dev: str, ns: str) -> None:
+        for _ in range(200):
+            if json.loads(sh("ip", "-j", "link", "show", "dev", dev, netns=ns).stdout)[0]["mtu"] == self.mtu:
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"OVS did not give {dev} the MTU {self.mtu}")
 
     @staticmethod
     def host_port_name(container_id: str, suffix: str = "") -> str:
@@ -308,7 +323,7 @@ class Sandbox:
     def add_vm(self, vmi: str, ips: list[str], namespace: str = "default", vm_link: str = "veth",
                providers: tuple[str, ...] = (), managed_tap: bool = False,
                netns_by_pid: bool = False, dual_stack: bool = False,
-               pod_nic_type: str = "veth-pair", macs: Sequence[str] = ()) -> list[VmNic]:
+               pod_nic_type: str = "veth-pair", macs: Sequence[str] = (), queues: int = 1) -> list[VmNic]:
         """A virt-launcher pod with bridge binding for VMI `vmi`: one NIC per IP.
 
         The first NIC is the primary (tap0, k6t-eth0, eth0-nic, dummy eth0);
@@ -324,12 +339,15 @@ class Sandbox:
         OVS internal port moved into the pod, which KubeVirt then renames and bridges).
         `macs`: the NICs' MACs (Kube-OVN's allocation), when they must be given: the
         target pod of a live migration has the source pod's.
+        `queues`: for a real guest (vm_link "tap"), taps with that many queues, as KubeVirt
+        makes them for networkInterfaceMultiqueue (one per vCPU; cmd/virt-chroot/tap-device-maker.go
+        creates a multi-queue tap when asked for more than one).
         """
         pod_ns = self.add_netns(f"pod-{vmi}"[:20])
         pod_netns = self.held_by_process(pod_ns) if netns_by_pid else ""
         vm_ns = self.add_netns(f"vm-{vmi}"[:20]) if vm_link == "veth" else ""
         pod = VmNic(iface_id="", pod_ns=pod_ns, vm_ns=vm_ns, tap="", bridge="", nic="", dummy="", host_port="",
-                    mac="", ip="", vmi=vmi, namespace=namespace, cid=secrets.token_hex(32))
+                    mac="", ip="", vmi=vmi, namespace=namespace, cid=secrets.token_hex(32), queues=queues)
         return [self._add_nic(pod, i, ip, providers[i - 1] if 0 < i <= len(providers) else f"net{i}",
                               managed_tap=managed_tap, pod_netns=pod_netns, dual_stack=dual_stack,
                               pod_nic_type=pod_nic_type, mac=macs[i] if i < len(macs) else "")
@@ -373,7 +391,7 @@ class Sandbox:
         mac = mac or mac_for(f"{self.tag}{vmi}{i}")
         nic = VmNic(iface_id=iface_id, pod_ns=pod.pod_ns, vm_ns=pod.vm_ns, mac=mac, ip=ip, vm_dev=vm_dev,
                     host_port="", ip6=v6_of(ip) if dual_stack else "", vmi=vmi, namespace=namespace, cid=pod.cid,
-                    index=i, **names)
+                    index=i, queues=pod.queues, **names)
         ips_id = f"{ip},{nic.ip6}" if nic.ip6 else ip
         if pod_nic_type == "internal-port":
             nic.host_port = nic.pod_dev = self.plug_internal(pod.pod_ns, mac, vmi, namespace, iface_id, ips_id,
@@ -449,7 +467,8 @@ class Sandbox:
             sh("ip", "link", "add", nic.tap, "netns", p, "type", "veth", "peer", "name", nic.vm_dev,
                "netns", nic.vm_ns)
             v = nic.vm_ns
-            sh("ip", "link", "set", nic.vm_dev, "address", nic.mac, netns=v)
+            # The guest takes the pod's MTU from KubeVirt's DHCP server (option 26).
+            sh("ip", "link", "set", nic.vm_dev, "address", nic.mac, "mtu", str(nic.mtu), netns=v)
             sh("ip", "addr", "add", f"{nic.ip}/{nic.prefix}", "dev", nic.vm_dev, netns=v)
             if nic.ip6:
                 sh("ip", "-6", "addr", "add", f"{nic.ip6}/64", "dev", nic.vm_dev, "nodad", netns=v)
@@ -457,7 +476,8 @@ class Sandbox:
             if self.ovs and self.datapath == NETDEV:
                 sh("ethtool", "-K", nic.vm_dev, "tx", "off", netns=v, check=False)
         else:
-            sh("ip", "tuntap", "add", "dev", nic.tap, "mode", "tap", "vnet_hdr", netns=p)
+            multi = ("multi_queue",) if nic.queues > 1 else ()
+            sh("ip", "tuntap", "add", "dev", nic.tap, "mode", "tap", "vnet_hdr", *multi, netns=p)
         sh("ip", "link", "set", nic.tap, "mtu", str(nic.mtu), "master", nic.bridge, netns=p)
         sh("ip", "link", "set", nic.tap, "up", netns=p)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from tcbypass_lab.ovs import SYSTEM
-from tcbypass_lab.sandbox import Sandbox, VmNic, mac_of, v6_of, wait_for_ping
+from tcbypass_lab.sandbox import Sandbox, VmNic, mac_of, sh, v6_of, wait_for_ping
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.root
@@ -106,19 +106,23 @@ NIC_TYPES = ("veth-pair", "internal-port")  # Kube-OVN's pod NIC types (internal
 @pytest.fixture(params=NIC_TYPES)
 def pod(request, ovs_node, datapath_reported) -> Pod:
     """The VM pod, plugged by Kube-OVN as a veth pair or as an OVS internal port."""
-    sb = ovs_node
+    return make_pod(ovs_node, request.param, datapath_reported)
+
+
+def make_pod(sb: Sandbox, nic_type: str, datapath_reported: list) -> Pod:
+    """A dual-stack server pod and the VM pod on the node `sb`, the bridge path
+    proven, neighbours static."""
     assert sb.switch.datapath_kind() == sb.datapath, "vswitchd runs the datapath the sandbox asked for"
     datapath_reported[:] = [sb.datapath]
     server = sb.add_server_pod("web", SERVER_IP, namespace="prod", dual_stack=True)
-    [nic] = sb.add_vm("vm1", [VM_IP], namespace="prod", dual_stack=True, pod_nic_type=request.param)
+    [nic] = sb.add_vm("vm1", [VM_IP], namespace="prod", dual_stack=True, pod_nic_type=nic_type)
     assert wait_for_ping(nic.vm_ns, SERVER_IP), "the bridge path must work before any test"
     # Static neighbours both ways: only a test's own frames cross, no ARP or ND of their own.
     for ns, dev, ip, mac in ((nic.vm_ns, nic.vm_dev, SERVER_IP, mac_of(server, "eth0")),
                              (nic.vm_ns, nic.vm_dev, SERVER_IP6, mac_of(server, "eth0")),
                              (server, "eth0", VM_IP, nic.mac), (server, "eth0", VM_IP6, nic.mac)):
-        from tcbypass_lab.sandbox import sh
         sh("ip", "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent", netns=ns)
-    return Pod(sb, nic, server, request.param)
+    return Pod(sb, nic, server, nic_type)
 
 
 def payloads(n: int, size: int, tag: bytes = b"p") -> list[bytes]:
