@@ -47,7 +47,7 @@ from typing import Callable, Iterator, Sequence
 
 from tcbypass import attachments, bpfsys, features, loader, netns, tcx
 from tcbypass.errors import TcbError
-from . import costs, scenarios
+from . import costs, cpu, scenarios
 from .results import AttachTime, PathCheck, Report, Sample, Summary, recovered, summarize, targets
 from .sandbox import wait_for_ping
 from .scenarios import BRIDGE, BYPASS, KIND_PRODUCT, KIND_REFERENCE, Scenario
@@ -88,6 +88,9 @@ class Plan:
     lat_cpu: int = 0  # qperf client and server
     bw_client_cpu: int = 0  # iperf3 client
     bw_server_cpu: int = 0  # iperf3 server
+    cpu_reps: int = 6  # repetitions of the CPU figures (0: none)
+    load: cpu.Load = cpu.Load()  # the fixed loads, and the TCP runs at each MTU (client on bw_client_cpu)
+    mtus: tuple[int, ...] = (1500, 1400, 9000)  # throughput per core at each (Kube-OVN's MTUs)
     quick: bool = False
 
     def steps(self) -> int:
@@ -101,20 +104,22 @@ class Plan:
         traffic = self.reps * n * (len(self.sizes) + big + len(BW_JOBS))
         floor = floors if BRIDGE in self.scenarios else 0
         live = self.live_reps * len(costs.LIVE_WINDOWS) * (with_programs + floor)
-        return n + 2 + traffic + 1 + live + 1
+        cpu_steps = self.cpu_reps * (1 + 2 * n) + len(self.mtus) * (1 + self.cpu_reps * n)
+        return n + 2 + traffic + 1 + live + 1 + cpu_steps
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def plan_for(quick: bool = False, reps: int | None = None, names: Sequence[str] | None = None) -> Plan:
-    """The full plan (about 15 minutes here with the four default scenarios) or
-    the quick one (about 2 minutes: qperf runs last whole seconds, and 4 sizes
+    """The full plan (about 22 minutes here with the four default scenarios) or
+    the quick one (about 2.5 minutes: qperf runs last whole seconds, and 4 sizes
     x 2 tests x 4 scenarios x 2 repetitions is 64 s of qperf alone)."""
     plan = Plan()
     if quick:
         plan = replace(plan, sizes=QUICK_SIZES, reps=2, bw_seconds=1, test_run_repeat=100_000, test_run_samples=3,
-                       live_reps=1, cold_attaches=0, warm_attaches=3, warm_up=False, quick=True)
+                       live_reps=1, cold_attaches=0, warm_attaches=3, warm_up=False, cpu_reps=1,
+                       load=replace(plan.load, seconds=2), mtus=(1400,), quick=True)
     if reps:
         plan = replace(plan, reps=reps)
     if names:
@@ -177,6 +182,43 @@ def measure_traffic(scens: Sequence[Scenario], plan: Plan, step: Progress, failu
                     failures.append(f"{scen.name} {test} x{streams} (rep {rep + 1}): no result")
                 else:
                     samples.append(Sample(scen.name, test, size, value, streams))
+    return samples
+
+
+def measure_cpu(scens: Sequence[Scenario], plan: Plan, step: Progress, failures: list[str]) -> list[Sample]:
+    """CPU per packet at the fixed UDP load and per KiB of the capped TCP stream
+    (cpu.py), scenarios interleaved within each repetition (rotating their order)."""
+    samples: list[Sample] = []
+    for rep in range(plan.cpu_reps):
+        step(f"rep {rep + 1}/{plan.cpu_reps}: the machine idle, for the CPU baseline")
+        idle = cpu.idle_rate(plan.load.seconds)
+        order = list(scens[rep % len(scens):]) + list(scens[:rep % len(scens)])
+        for what, measure in (("UDP", cpu.udp_cpu), ("TCP", cpu.tcp_cpu)):
+            for scen in order:
+                step(f"rep {rep + 1}/{plan.cpu_reps}: CPU at a fixed {what} load, {scen.name}")
+                got = measure(scen.name, scen.vm_ns, plan.load, idle)
+                if not got:
+                    failures.append(f"{scen.name} CPU at a fixed {what} load (rep {rep + 1}): no result")
+                samples += got
+    return samples
+
+
+def measure_per_core(scens: Sequence[Scenario], plan: Plan, step: Progress, failures: list[str]) -> list[Sample]:
+    """A TCP stream's Gbit/s and Gbit/s per busy core at each MTU: every scenario
+    gets the MTU (the product attaches again), then the repetitions run."""
+    samples: list[Sample] = []
+    for mtu in plan.mtus:
+        step(f"MTU {mtu} on every scenario")
+        for scen in scens:
+            scenarios.set_mtu(scen, mtu)
+        for rep in range(plan.cpu_reps):
+            order = list(scens[rep % len(scens):]) + list(scens[:rep % len(scens)])
+            for scen in order:
+                step(f"rep {rep + 1}/{plan.cpu_reps}: TCP at MTU {mtu}, {scen.name}")
+                got = cpu.tcp_per_core(scen.name, scen.vm_ns, plan.load, mtu)
+                if not got:
+                    failures.append(f"{scen.name} TCP at MTU {mtu} (rep {rep + 1}): no result")
+                samples += got
     return samples
 
 
@@ -259,6 +301,7 @@ def describe_machine(plan: Plan | None = None) -> dict:
         machine["placement"] = {
             "latency": f"qperf client and server on CPU {plan.lat_cpu} (taskset)",
             "throughput": f"iperf3 client on CPU {plan.bw_client_cpu}, server on CPU {plan.bw_server_cpu}",
+            "cpu": "the whole machine's, from /proc/stat, less an idle window's (lab/tcbypass_lab/cpu.py)",
         }
     return machine
 
@@ -337,6 +380,7 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
             if plan.warm_up:
                 qperf_latency(scen.vm_ns, 64, ("tcp_lat",), plan.lat_seconds, plan.lat_cpu)  # not recorded
 
+        plan = replace(plan, load=replace(plan.load, client_cpu=plan.bw_client_cpu))
         step("checking that each scenario takes its path")
         with costs.run_time_stats():
             report.paths = [check_path(scen) for scen in scens]
@@ -348,8 +392,7 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
                 hint="run 'tcbypass-lab bench --debug --quick'; for the product, 'tcbypass status' while it runs")
 
         samples = measure_traffic(scens, plan, step, report.failures)
-        report.results = summarize(samples)
-        report.recovered = recovered(report.results)
+        samples += measure_cpu(scens, plan, step, report.failures)
 
         step("program cost (BPF_PROG_TEST_RUN)")
         report.program = costs.test_run_costs(scens, plan.test_run_repeat, plan.test_run_samples, plan.lat_cpu)
@@ -363,6 +406,9 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
             report.failures.append(f"live program cost: {exc}")
         step("attach time")
         report.attach = attach_times(scens, plan)
+        samples += measure_per_core(scens, plan, step, report.failures)  # last: it changes the MTUs
+        report.results = summarize(samples)
+        report.recovered = recovered(report.results)
     report.targets = targets(report.recovered, report.program, quick=plan.quick)
     report.machine["loadavg_end"] = os.getloadavg()[0]
     report.machine["seconds"] = round(time.monotonic() - started, 1)

@@ -122,11 +122,13 @@ def demo(lab: Lab, keep: bool, cleanup: str | None) -> None:
               help="Repetitions (default 6, or 2 with --quick).")
 @click.option("--scenarios", "scenario_names", metavar="A,B,...", default=None,
               help="Which scenarios, by name (default: direct,bridge,bypass,minimal): direct, bridge, bypass, "
-                   "minimal, and for experiments bypass-clsact, bypass-redirect, minimal-clsact, minimal-redirect.")
+                   "minimal, and for comparison bpfbridge, bypass-clsact, bypass-redirect, minimal-clsact, "
+                   "minimal-redirect.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the results as JSON to FILE.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
-              help="Also draw latency against message size, next to the reference talk (needs matplotlib).")
+              help="Also draw latency against message size, next to the reference talk, and the CPU figures "
+                   "in FILE-cpu.png (needs matplotlib).")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str | None, json_file: str | None,
           plot_file: str | None) -> None:
@@ -135,10 +137,12 @@ def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str
     Builds the scenarios side by side in namespaces of their own and measures
     them interleaved (the order rotates each repetition), qperf client and
     server pinned to CPU 0: qperf latency per message size, iperf3 TCP
-    throughput and 64-byte UDP packet rate; then each program's ns/packet
-    (BPF_PROG_TEST_RUN, and in live traffic from the kernel's run-time
-    statistics), and the attach time. Removes everything it built. About
-    15 minutes (--quick: about 2).
+    throughput and 64-byte UDP packet rate; the CPU the whole machine spends
+    per packet at a fixed load (64-byte UDP both ways, a capped TCP stream);
+    then each program's ns/packet (BPF_PROG_TEST_RUN, and in live traffic
+    from the kernel's run-time statistics), the attach time, and last one
+    TCP stream's Gbit/s per busy core at MTU 1500, 1400 and 9000. Removes
+    everything it built. About 22 minutes (--quick: about 2.5).
 
     \b
     Scenarios:
@@ -147,6 +151,8 @@ def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str
       bypass            bridge + tcbypass, attached as `tcbypass attach` does by default
       minimal           bridge + the smallest correct program on the best hook (a reference,
                         built by the bench itself: lab/tcbypass_lab/minimal.c)
+      bpfbridge         no bridge: every frame by bpf_redirect() both ways on clsact, devices
+                        promiscuous (Deckhouse's bpfbridge binding, measured)
       bypass-clsact, bypass-redirect, minimal-clsact, minimal-redirect
                         the same on a clsact filter, or with plain bpf_redirect() from the VM
 
@@ -183,6 +189,10 @@ def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str
     if plot_file:
         run(bench_report.plot, data, plot_file)
         lab.err.print(f"plot: {plot_file}", highlight=False)
+        if bench_report.has_cpu(data):
+            cpu_plot = bench_report.cpu_plot_path(plot_file)
+            run(bench_report.plot_cpu, data, cpu_plot)
+            lab.err.print(f"CPU plot: {cpu_plot}", highlight=False)
 
 
 @bench.command("scale")

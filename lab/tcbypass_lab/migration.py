@@ -82,9 +82,10 @@ class Vm:
         return self.nics[0].iface_id
 
 
-def plug_pod(node: EmulatedNode, vmi: str = VMI) -> list[VmNic]:
-    """The virt-launcher pod of the VM on `node` (Kube-OVN's port, KubeVirt's bridge binding)."""
-    return node.sb.add_vm(vmi, [VM_IP], namespace=NAMESPACE, vm_link="tap", macs=[VM_MAC])
+def plug_pod(node: EmulatedNode, vmi: str = VMI, queues: int = 1) -> list[VmNic]:
+    """The virt-launcher pod of the VM on `node` (Kube-OVN's port, KubeVirt's bridge binding;
+    `queues` per tap)."""
+    return node.sb.add_vm(vmi, [VM_IP], namespace=NAMESPACE, vm_link="tap", macs=[VM_MAC], queues=queues)
 
 
 def plug_target(node: EmulatedNode, vm: "Vm", sock: str) -> tuple[list[VmNic], Guest]:
@@ -102,8 +103,11 @@ def guest_on(node: EmulatedNode, nics: list[VmNic], incoming: str = "", **option
                  static={"eth0": f"{VM_IP}/24"}, memory=128, incoming=incoming, **options)
 
 
-def start_vm(node: EmulatedNode, **options) -> Vm:
-    nics = plug_pod(node)
+def start_vm(node: EmulatedNode, queues: int = 1, **options) -> Vm:
+    """The VM's pod and its guest, booted (`queues` > 1: multi-queue NICs, one vCPU per queue)."""
+    nics = plug_pod(node, queues=queues)
+    if queues > 1:
+        options = {"queues": queues, "cpus": queues, **options}
     guest = guest_on(node, nics, **options)
     guest.start()
     guest.wait_ready(180)

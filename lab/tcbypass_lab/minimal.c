@@ -12,6 +12,9 @@
  *   TCB_TAP_IFINDEX, TCB_NIC_IFINDEX   the tap and the pod NIC, in the pod
  *   TCB_PLAIN_REDIRECT   from the VM, bpf_redirect() to the NIC's egress
  *                        instead of bpf_redirect_peer() into its host side
+ *   TCB_PROXY_ALL        the "bpfbridge" stand-in: every frame, whatever its
+ *                        addresses, by bpf_redirect() to the other device's
+ *                        egress, both ways (a pod without a bridge)
  *
  *   min_from_vm  on the tap's ingress: a unicast frame with the VM's source
  *                MAC goes by bpf_redirect_peer() to the host side of the
@@ -58,6 +61,9 @@ int min_from_vm(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 
+#ifdef TCB_PROXY_ALL
+	return bpf_redirect(TCB_NIC_IFINDEX, 0);
+#endif
 	if ((void *)(eth + 1) > data_end || (eth->h_dest[0] & 0x01) ||
 	    !tcb_mac_is(eth->h_source, TCB_VM_MAC))
 		return TC_ACT_UNSPEC;
@@ -83,6 +89,9 @@ int min_to_vm(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 
+#ifdef TCB_PROXY_ALL
+	return bpf_redirect(TCB_TAP_IFINDEX, 0);
+#endif
 	if ((void *)(eth + 1) > data_end || !tcb_mac_is(eth->h_dest, TCB_VM_MAC))
 		return TC_ACT_UNSPEC;
 	return bpf_redirect(TCB_TAP_IFINDEX, 0);

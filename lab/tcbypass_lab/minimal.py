@@ -41,11 +41,14 @@ def mac_number(mac: str) -> int:
     return int(mac.replace(":", "").replace("-", ""), 16)
 
 
-def cflags(vm_mac: str, host_mac: str, tap_ifindex: int, nic_ifindex: int, peer: bool = True) -> list[str]:
+def cflags(vm_mac: str, host_mac: str, tap_ifindex: int, nic_ifindex: int, peer: bool = True,
+           proxy: bool = False) -> list[str]:
     flags = [f"-DTCB_VM_MAC={mac_number(vm_mac):#014x}ULL", f"-DTCB_HOST_MAC={mac_number(host_mac):#014x}ULL",
              f"-DTCB_TAP_IFINDEX={tap_ifindex}", f"-DTCB_NIC_IFINDEX={nic_ifindex}"]
     if not peer:
         flags.append("-DTCB_PLAIN_REDIRECT")
+    if proxy:
+        flags.append("-DTCB_PROXY_ALL")
     return flags
 
 
@@ -122,9 +125,11 @@ class Reference:
             self._bpf = None
 
 
-def build(pod_ns: str, tap: str, nic: str, vm_mac: str, host_mac: str, hook: str, peer: bool) -> Reference:
-    """Compile minimal.c for this pod and hook it. bcc is needed here (the
-    benchmark builds a reference; nodes never do)."""
+def build(pod_ns: str, tap: str, nic: str, vm_mac: str, host_mac: str, hook: str, peer: bool,
+          proxy: bool = False) -> Reference:
+    """Compile minimal.c for this pod and hook it (`proxy`: every frame both
+    ways by bpf_redirect()). bcc is needed here (the benchmark builds a
+    reference; nodes never do)."""
     without = "leave the minimal scenarios out (--scenarios direct,bridge,bypass)"
     try:
         from bcc import BPF
@@ -138,7 +143,7 @@ def build(pod_ns: str, tap: str, nic: str, vm_mac: str, host_mac: str, hook: str
     tap_ifindex, nic_ifindex = netns.run_in(pod_ns, indexes)
     try:
         bpf = BPF(src_file=str(SOURCE).encode(),
-                  cflags=cflags(vm_mac, host_mac, tap_ifindex, nic_ifindex, peer))
+                  cflags=cflags(vm_mac, host_mac, tap_ifindex, nic_ifindex, peer, proxy))
     except Exception as exc:  # bcc raises plain Exceptions; clang's messages went to stderr
         raise BpfError(f"bcc could not compile {SOURCE.name} ({exc})",
                        hint=f"kernel headers missing? 'tcbypass doctor' says; or {without}") from None

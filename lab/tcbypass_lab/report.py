@@ -13,11 +13,12 @@ from typing import Callable, Iterator, Sequence
 
 from .results import TALK, TARGET_FLOOR, TARGET_GAP, TARGET_MEDIAN, recovered_share
 from .scenarios import BASELINES, BRIDGE, DIRECT, order
-from .traffic import LAT_TESTS, TCP_BW, UDP_PPS, size_label
+from .traffic import (IPERF3_TCP_LEN, LAT_TESTS, PPS_PAYLOAD, TCP_BW, TCP_CPU, TCP_MTU, TCP_PER_CORE, UDP_CPU,
+                      UDP_CPU_SOFTIRQ, UDP_CPU_SYSTEM, UDP_PPS, size_label)
 
 COLOURS = {"direct": "tab:green", "bridge": "tab:red", "bypass": "tab:blue", "minimal": "tab:orange",
            "bypass-clsact": "tab:cyan", "bypass-redirect": "navy", "minimal-clsact": "gold",
-           "minimal-redirect": "tab:brown"}
+           "minimal-redirect": "tab:brown", "bpfbridge": "tab:purple"}
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -66,25 +67,55 @@ def latency_rows(data: dict, test: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-THROUGHPUT = ((TCP_BW, 1, "TCP Gbit/s, 1 stream"), (TCP_BW, 4, "TCP Gbit/s, 4 streams"),
-              (UDP_PPS, 1, "UDP 64 B, kpps received"))
+THROUGHPUT = ((TCP_BW, IPERF3_TCP_LEN, 1, "TCP Gbit/s, 1 stream"), (TCP_BW, IPERF3_TCP_LEN, 4, "TCP Gbit/s, 4 streams"),
+              (UDP_PPS, PPS_PAYLOAD, 1, "UDP 64 B, kpps received"))
+
+
+def figure_rows(data: dict, figures: Sequence[tuple[str, int, int, str]]) -> tuple[list[str], list[list[str]]]:
+    """One row per figure (test, size, streams, label): each scenario's median ±
+    spread, its ratio to direct, and what the others recover."""
+    wanted = {f[:3] for f in figures}
+    results = {(r["scenario"], r["test"], r["size"], r["streams"]): r for r in data["results"]
+               if (r["test"], r["size"], r["streams"]) in wanted}
+    rec = {(r["scenario"], r["test"], r["size"], r["streams"]): r for r in data["recovered"]
+           if (r["test"], r["size"], r["streams"]) in wanted}
+    names, others = _scenarios(data)
+    header = ["figure"] + names + [f"{s}/direct" for s in names if s != DIRECT] + [f"recovered {s}" for s in others]
+    rows = []
+    for test, size, streams, label in figures:
+        key = (test, size, streams)
+        if not any(k[1:] == key for k in results):
+            continue
+        direct = results.get((DIRECT, *key))
+        row = [label] + [_spread(results.get((s, *key))) for s in names]
+        row += [_ratio(results.get((s, *key)), direct) for s in names if s != DIRECT]
+        row += [pct(r["value"], r["clear"]) if (r := rec.get((s, *key))) else "—" for s in others]
+        rows.append(row)
+    return header, rows
 
 
 def throughput_rows(data: dict) -> tuple[list[str], list[list[str]]]:
-    results = {(r["scenario"], r["test"], r["streams"]): r for r in data["results"] if r["test"] in (TCP_BW, UDP_PPS)}
-    rec = {(r["scenario"], r["test"], r["streams"]): r for r in data["recovered"] if r["test"] in (TCP_BW, UDP_PPS)}
-    names, others = _scenarios(data)
-    header = ["test"] + names + [f"{s}/direct" for s in names if s != DIRECT] + [f"recovered {s}" for s in others]
-    rows = []
-    for test, streams, label in THROUGHPUT:
-        if not any(k[1:] == (test, streams) for k in results):
-            continue
-        direct = results.get((DIRECT, test, streams))
-        row = [label] + [_spread(results.get((s, test, streams))) for s in names]
-        row += [_ratio(results.get((s, test, streams)), direct) for s in names if s != DIRECT]
-        row += [pct(r["value"], r["clear"]) if (r := rec.get((s, test, streams))) else "—" for s in others]
-        rows.append(row)
-    return header, rows
+    return figure_rows(data, THROUGHPUT)
+
+
+def cpu_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """CPU at the fixed loads (lower is better)."""
+    load = (data["plan"].get("load") or {})
+    figures = [(UDP_CPU, PPS_PAYLOAD, 1, f"UDP 64 B, {load.get('pps', 0) // 1000} kpps each way: ns CPU/packet"),
+               (UDP_CPU_SYSTEM, PPS_PAYLOAD, 1, "... of which system time"),
+               (UDP_CPU_SOFTIRQ, PPS_PAYLOAD, 1, "... of which softirq time")]
+    caps = sorted({r["size"] for r in data["results"] if r["test"] == TCP_CPU})
+    figures += [(TCP_CPU, cap, 1, f"TCP capped at {cap} Mbit/s: ns CPU/KiB") for cap in caps]
+    return figure_rows(data, figures)
+
+
+def per_core_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """One TCP stream at each MTU: Gbit/s, and Gbit/s per busy core."""
+    mtus = sorted({r["size"] for r in data["results"] if r["test"] == TCP_MTU}, key=lambda m: (m != 1500, m))
+    figures = []
+    for mtu in mtus:
+        figures += [(TCP_MTU, mtu, 1, f"MTU {mtu}: Gbit/s"), (TCP_PER_CORE, mtu, 1, f"MTU {mtu}: Gbit/s per busy core")]
+    return figure_rows(data, figures)
 
 
 def _signed(value: float | None) -> str:
@@ -204,8 +235,13 @@ def markdown(data: dict) -> str:
                   markdown_table(*comparison_rows(data, test)),
                   f"#### {test}: spread (± half the p10–p90 range) and ratios",
                   markdown_table(*latency_rows(data, test))]
-    parts += ["#### Throughput", markdown_table(*throughput_rows(data)),
-              "#### Live program cost above the minimal reference", markdown_table(*live_rows(data)),
+    parts += ["#### Throughput", markdown_table(*throughput_rows(data))]
+    if any(r["test"] in (UDP_CPU, TCP_CPU) for r in data["results"]):
+        parts += ["#### CPU at a fixed load (whole machine, less idle; lower is better)",
+                  markdown_table(*cpu_rows(data))]
+    if any(r["test"] == TCP_MTU for r in data["results"]):
+        parts += ["#### One TCP stream at Kube-OVN's MTUs", markdown_table(*per_core_rows(data))]
+    parts += ["#### Live program cost above the minimal reference", markdown_table(*live_rows(data)),
               "#### Program cost", markdown_table(*program_rows(data)),
               "#### Attach time", markdown_table(*attach_rows(data)),
               "#### Paths", markdown_table(*path_rows(data))]
@@ -233,6 +269,12 @@ def render(data: dict, console) -> None:
                             f"{machine['placement']['latency']}", *latency_rows(data, test)))
     console.print(table(f"throughput: median of {reps}, {machine['placement']['throughput']}",
                         *throughput_rows(data)))
+    cpu_reps = data["plan"].get("cpu_reps", 0)
+    if any(r["test"] in (UDP_CPU, TCP_CPU) for r in data["results"]):
+        console.print(table(f"CPU at a fixed load: median of {cpu_reps}, whole machine less idle (lower is better)",
+                            *cpu_rows(data)))
+    if any(r["test"] == TCP_MTU for r in data["results"]):
+        console.print(table(f"one TCP stream at each MTU: median of {cpu_reps}", *per_core_rows(data)))
     console.print(table("program cost", *program_rows(data)))
     if data.get("targets", {}).get("live_above_minimal"):
         console.print(table("live program cost above the minimal reference (ns/packet)", *live_rows(data)))
@@ -338,6 +380,57 @@ def plot(data: dict, path: str) -> None:
     m = data["machine"]
     fig.suptitle(f"tcbypass-lab bench: {m['cpus']} × {m['cpu_model']}, kernel {m['kernel']}, "
                  f"{m['placement']['latency']}; pale bars: bridge − direct within the noise", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def has_cpu(data: dict) -> bool:
+    return any(r["test"] in (UDP_CPU, TCP_MTU) for r in data["results"])
+
+
+def cpu_plot_path(path: str) -> str:
+    """Where plot() puts the CPU figure next to the latency one: bench.png -> bench-cpu.png."""
+    stem, dot, ext = path.rpartition(".")
+    return f"{stem}-cpu.{ext}" if dot else f"{path}-cpu"
+
+
+def plot_cpu(data: dict, path: str) -> None:
+    """Left: CPU per packet at the fixed UDP load, per scenario. Right: one TCP
+    stream's Gbit/s per busy core at each MTU, per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, _ = _scenarios(data)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cpu = {r["scenario"]: r for r in data["results"] if r["test"] == UDP_CPU}
+    shown = [n for n in names if n in cpu]
+    spread = [[cpu[n]["median"] - cpu[n]["p10"] for n in shown], [cpu[n]["p90"] - cpu[n]["median"] for n in shown]]
+    left.bar(shown, [cpu[n]["median"] for n in shown], color=[COLOURS.get(n, "grey") for n in shown], yerr=spread,
+             capsize=3)
+    pps = (data["plan"].get("load") or {}).get("pps", 0)
+    left.set_title(f"CPU per packet, 64 B UDP at {pps // 1000} kpps each way (median, p10–p90)", fontsize=9)
+    left.set_ylabel("ns of CPU per packet (whole machine, less idle)")
+    left.tick_params(axis="x", labelsize=8, rotation=20)
+    left.grid(True, axis="y", alpha=0.3)
+    per_core = [r for r in data["results"] if r["test"] == TCP_PER_CORE]
+    mtus = sorted({r["size"] for r in per_core}, key=lambda m: (m != 1500, m))
+    width = 0.8 / max(1, len(names))
+    for j, scen in enumerate(names):
+        got = {r["size"]: r["median"] for r in per_core if r["scenario"] == scen}
+        if got:
+            right.bar([i + (j - len(names) / 2 + 0.5) * width for i in range(len(mtus))],
+                      [got.get(m, 0) for m in mtus], width=width, color=COLOURS.get(scen, "grey"), label=scen)
+    right.set_xticks(range(len(mtus)))
+    right.set_xticklabels([f"MTU {m}" for m in mtus])
+    right.set_title("one TCP stream: Gbit/s per busy core (median)", fontsize=9)
+    right.set_ylabel("Gbit/s per core")
+    right.grid(True, axis="y", alpha=0.3)
+    right.legend(fontsize=7)
+    m = data["machine"]
+    fig.suptitle(f"tcbypass-lab bench, CPU: {m['cpus']} × {m['cpu_model']}, kernel {m['kernel']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

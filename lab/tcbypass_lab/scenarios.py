@@ -13,6 +13,9 @@ can all stand side by side and be measured interleaved:
     minimal           bridge + the reference program (lab/minimal.c) on the best hook, by the best mode
     minimal-clsact    ... on a clsact filter
     minimal-redirect  ... with plain bpf_redirect() from the VM
+    bpfbridge         the pod without its bridge: every frame both ways by bpf_redirect() on clsact,
+                      tap and NIC promiscuous; stands for Deckhouse's bpfbridge binding
+                      (deckhouse/virtualization#2212: a tc L2 proxy between the tap and the pod veth)
 
 The VM side is a veth, not a tap: a tap carries traffic only with a process
 behind it (qemu, or a relay in user space), and that process would cost
@@ -39,7 +42,7 @@ from . import minimal
 from .sandbox import Sandbox, mac_for, mac_of, sh
 from .traffic import PEER_IP, PREFIX, VM_IP
 
-DIRECT, BRIDGE, BYPASS, MINIMAL = "direct", "bridge", "bypass", "minimal"
+DIRECT, BRIDGE, BYPASS, MINIMAL, BPFBRIDGE = "direct", "bridge", "bypass", "minimal", "bpfbridge"
 BASELINES = (DIRECT, BRIDGE)
 VMI = "bench"
 
@@ -55,6 +58,7 @@ class Variant:
     hook: str = ""  # tcx | clsact; "" = the best this kernel has
     from_vm: str = ""  # peer | redirect; "" = the best this kernel and pod allow
     about: str = ""
+    proxy: bool = False  # the reference program carries every frame, and the pod has no bridge
 
 
 VARIANTS = {v.name: v for v in (
@@ -69,6 +73,9 @@ VARIANTS = {v.name: v for v in (
             about="the reference program on a clsact filter"),
     Variant("minimal-redirect", KIND_REFERENCE, from_vm=features.MODE_REDIRECT,
             about="the reference program with bpf_redirect() from the VM"),
+    Variant(BPFBRIDGE, KIND_REFERENCE, hook=features.HOOK_CLSACT, from_vm=features.MODE_REDIRECT, proxy=True,
+            about="Deckhouse's bpfbridge design: no bridge, clsact, every frame by bpf_redirect() both ways, "
+                  "promiscuous devices"),
 )}
 DEFAULT = (DIRECT, BRIDGE, BYPASS, MINIMAL)
 
@@ -100,9 +107,11 @@ class Scenario:
     peer_ns: str  # netns path of the peer
     vm_mac: str
     peer_mac: str
+    host_port: str = ""  # the peer's device (the node end of the pod veth, or of the direct veth)
     pod_ns: str = ""  # the virt-launcher pod (not for direct)
     tap: str = ""
     nic: str = ""
+    pod_devices: tuple[str, ...] = ()  # every device in the pod whose MTU is the pod's
     hook: str = ""  # where its programs run (tcx | clsact), "" without programs
     mode: str = ""  # how frames from the VM leave: peer | peer-host (the product only) | redirect
     spec: AttachSpec | None = None  # the product's attachment
@@ -144,7 +153,7 @@ def _build_direct(sb: Sandbox) -> Scenario:
     sh("ip", "addr", "add", f"{PEER_IP}/{PREFIX}", "dev", host, netns=sb.node)
     sh("ip", "link", "set", host, "up", netns=sb.node)
     return Scenario(DIRECT, KIND_DIRECT, sb.netns_path(vm), sb.netns_path(sb.node), mac_of(vm, "eth0"),
-                    mac_of(sb.node, host))
+                    mac_of(sb.node, host), host_port=host)
 
 
 def _build_pod(sb: Sandbox, variant: Variant) -> Scenario:
@@ -152,7 +161,8 @@ def _build_pod(sb: Sandbox, variant: Variant) -> Scenario:
     [nic] = sb.add_vm(VMI, [VM_IP], vm_link="veth")
     sb.serve_on_host_port(nic, PEER_IP)
     return Scenario(variant.name, variant.kind, sb.netns_path(nic.vm_ns), sb.netns_path(sb.node), nic.mac,
-                    mac_of(sb.node, nic.host_port), pod_ns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic)
+                    mac_of(sb.node, nic.host_port), host_port=nic.host_port, pod_ns=sb.netns_path(nic.pod_ns),
+                    tap=nic.tap, nic=nic.nic, pod_devices=(nic.tap, nic.nic, nic.dummy))
 
 
 def _attach_product(scen: Scenario, variant: Variant, tag: str, stack: contextlib.ExitStack) -> None:
@@ -169,7 +179,12 @@ def _hook_reference(scen: Scenario, variant: Variant, stack: contextlib.ExitStac
     scen.hook = variant.hook or found.best_hook
     peer = found.redirect_peer if not variant.from_vm else variant.from_vm == features.MODE_PEER
     scen.mode = features.MODE_PEER if peer else features.MODE_REDIRECT
-    scen.reference = minimal.build(scen.pod_ns, scen.tap, scen.nic, scen.vm_mac, scen.peer_mac, scen.hook, peer)
+    if variant.proxy:  # no bridge: the tap and the NIC stand alone, and take every frame
+        pod = os.path.basename(scen.pod_ns)
+        for dev in (scen.tap, scen.nic):
+            sh("ip", "link", "set", dev, "nomaster", "promisc", "on", netns=pod)
+    scen.reference = minimal.build(scen.pod_ns, scen.tap, scen.nic, scen.vm_mac, scen.peer_mac, scen.hook, peer,
+                                   proxy=variant.proxy)
     stack.callback(scen.reference.close)
 
 
@@ -185,6 +200,20 @@ def build(name: str, stack: contextlib.ExitStack) -> Scenario:
     elif variant.kind == KIND_REFERENCE:
         _hook_reference(scen, variant, stack)
     return scen
+
+
+def set_mtu(scen: Scenario, mtu: int) -> None:
+    """Give every device of the scenario `mtu`, as Kube-OVN and KubeVirt would have
+    wired the pod on a network of that MTU (the bridge follows its ports); the
+    product attaches again, so that its config holds the path's new MTU."""
+    vm, node = os.path.basename(scen.vm_ns), os.path.basename(scen.peer_ns)
+    for ns, dev in ((vm, "eth0"), (node, scen.host_port),
+                    *((os.path.basename(scen.pod_ns), d) for d in scen.pod_devices)):
+        sh("ip", "link", "set", dev, "mtu", str(mtu), netns=ns)
+    if scen.kind == KIND_PRODUCT:
+        result = attachments.attach(scen.spec)
+        if result.record.mtu != mtu:
+            raise InputError(f"{scen.name}: attach kept the MTU {result.record.mtu}, not {mtu}")
 
 
 def sysctl_in(ns_path: str, key: str) -> str:

@@ -26,7 +26,12 @@ VM_IP, PEER_IP, PREFIX = "10.16.0.5", "10.16.0.2", 24
 QPERF_PORT, IPERF3_PORT = 19765, 5201
 LAT_TESTS = ("tcp_lat", "udp_lat")
 TCP_BW, UDP_PPS = "tcp_bw", "udp_pps"
-UNITS = {"tcp_lat": "us", "udp_lat": "us", TCP_BW: "Gbit/s", UDP_PPS: "kpps"}
+# CPU at a fixed load (per packet, per KiB) and a TCP stream at an MTU (lab/tcbypass_lab/cpu.py)
+UDP_CPU, TCP_CPU, TCP_MTU, TCP_PER_CORE = "udp_cpu", "tcp_cpu", "tcp_bw_mtu", "tcp_per_core"
+UDP_CPU_SYSTEM, UDP_CPU_SOFTIRQ = "udp_cpu_system", "udp_cpu_softirq"  # the parts of udp_cpu
+UNITS = {"tcp_lat": "us", "udp_lat": "us", TCP_BW: "Gbit/s", UDP_PPS: "kpps", UDP_CPU: "ns/packet",
+         UDP_CPU_SYSTEM: "ns/packet", UDP_CPU_SOFTIRQ: "ns/packet", TCP_CPU: "ns/KiB", TCP_MTU: "Gbit/s",
+         TCP_PER_CORE: "Gbit/s/core"}
 UDP_MAX_PAYLOAD = 65507  # the largest UDP datagram: qperf's "64K" UDP message is sent at this size
 IPERF3_TCP_LEN = 128 * 1024  # iperf3's default TCP write size
 PPS_PAYLOAD = 64
@@ -119,7 +124,7 @@ class Servers:
         stop_all(self.procs, grace=3)
 
 
-def _client(cmd: list[str], timeout: float) -> str | None:
+def run_client(cmd: list[str], timeout: float) -> str | None:
     """Run a client to completion (killed after `timeout`); its stdout, or None when it failed."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -138,7 +143,7 @@ def qperf_latency(vm_ns: str, size: int, tests: Sequence[str], seconds: int, cpu
     """Latency (µs, half the round trip as qperf reports it) of each qperf test at `size`."""
     cmd = in_netns(vm_ns, cpu, "qperf", "--listen_port", str(QPERF_PORT), "-vu", "-t", str(seconds),
                    "-m", str(size), PEER_IP, *tests)
-    out = _client(cmd, timeout=len(tests) * (2 * seconds + 5) + 10)
+    out = run_client(cmd, timeout=len(tests) * (2 * seconds + 5) + 10)
     return parse_qperf(out) if out else {}
 
 
@@ -150,7 +155,7 @@ def iperf3_run(vm_ns: str, test: str, streams: int, seconds: int, cpu: int) -> f
         args += ["-u", "-l", str(PPS_PAYLOAD), "-b", "0"]
     if streams > 1:
         args += ["-P", str(streams)]
-    out = _client(in_netns(vm_ns, cpu, *args), timeout=seconds + 20)
+    out = run_client(in_netns(vm_ns, cpu, *args), timeout=seconds + 20)
     if not out:
         return None
     try:

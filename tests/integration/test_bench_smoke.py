@@ -82,7 +82,12 @@ def test_bench_quick_carries_each_scenario_on_its_path_writes_its_json_and_leave
         for test in ("tcp_lat", "udp_lat"):
             for size in bench.QUICK_SIZES:
                 assert (scenario, test, size) in lat, f"no {test} {size} B for {scenario}"
-    assert {r["test"] for r in data["results"]} == {"tcp_lat", "udp_lat", "tcp_bw", "udp_pps"}
+    assert {r["test"] for r in data["results"]} == {"tcp_lat", "udp_lat", "tcp_bw", "udp_pps", "udp_cpu", "udp_cpu_system",
+                                                    "udp_cpu_softirq", "tcp_cpu", "tcp_bw_mtu", "tcp_per_core"}
+    # CPU at the fixed load for every scenario; the TCP stream at the quick plan's MTU.
+    cpu = {(r["scenario"], r["test"], r["size"]) for r in data["results"] if r["test"] in ("udp_cpu", "tcp_per_core")}
+    for scenario in scenarios.DEFAULT:
+        assert {(scenario, "udp_cpu", 64), (scenario, "tcp_per_core", 1400)} <= cpu, scenario
     assert {r["scenario"] for r in data["recovered"]} == {"bypass", "minimal"}
 
     # The targets block: the five headline metrics for both, side by side.
@@ -92,7 +97,9 @@ def test_bench_quick_carries_each_scenario_on_its_path_writes_its_json_and_leave
     for m in t["metrics"]:
         assert m["bypass"] is not None and m["minimal"] is not None and m["gap"] is not None, m
     assert {c["check"] for c in t["checks"]} >= {"median of the five >= 0.80", "none below 0.70",
-                                                 "each within 0.05 of minimal"}
+                                                 "each within 0.05 of minimal",
+                                                 "median of the five within 0.05 of minimal",
+                                                 "CPU per packet at the fixed load: recovered >= 0.60"}
     assert all(c["pass"] in (True, False) for c in t["checks"]) and t["pass"] in (True, False)
     assert [p["talk"] for p in t["talk"]] == pytest.approx([0.81, 0.61, 0.56], abs=0.01)
     assert {r["direction"] for r in t["live_above_minimal"]} == {"from VM", "to VM"}
@@ -109,6 +116,7 @@ def test_bench_quick_carries_each_scenario_on_its_path_writes_its_json_and_leave
             ("minimal", "min_to_vm"), (f"floor ({found.best_hook})", "bench_empty")} <= live
     assert {(a["scenario"], a["kind"]) for a in data["attach"]} == {("bypass", "first"), ("bypass", "repeated")}
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert (tmp_path / "bench-cpu.png").stat().st_size > 10_000
 
     assert _processes_with(token) == [], "qperf/iperf3 servers outlived the benchmark"
     assert _bench_netns() - netns_before == set(), "namespaces left behind"
