@@ -91,11 +91,15 @@ class Plan:
     cpu_reps: int = 6  # repetitions of the CPU figures (0: none)
     load: cpu.Load = cpu.Load()  # the fixed loads, and the TCP runs at each MTU (client on bw_client_cpu)
     mtus: tuple[int, ...] = (1500, 1400, 9000)  # throughput per core at each (Kube-OVN's MTUs)
+    datapath: str = ""  # system | netdev: the peer is a pod behind the node's own OVS on it; "": no OVS
+    paths_only: bool = False  # build, prove each scenario's path, tear down: no figures
     quick: bool = False
 
     def steps(self) -> int:
         """Progress steps, as run() reports them."""
         n = len(self.scenarios)
+        if self.paths_only:
+            return n + 2
         kinds = [scenarios.VARIANTS[s].kind for s in self.scenarios if s in scenarios.VARIANTS]
         with_programs = sum(1 for k in kinds if k in (KIND_PRODUCT, KIND_REFERENCE))
         floors = 1 + any(scenarios.VARIANTS[s].hook == features.HOOK_CLSACT
@@ -111,7 +115,8 @@ class Plan:
         return asdict(self)
 
 
-def plan_for(quick: bool = False, reps: int | None = None, names: Sequence[str] | None = None) -> Plan:
+def plan_for(quick: bool = False, reps: int | None = None, names: Sequence[str] | None = None,
+             datapath: str = "", paths_only: bool = False) -> Plan:
     """The full plan (about 22 minutes here with the four default scenarios) or
     the quick one (about 2.5 minutes: qperf runs last whole seconds, and 4 sizes
     x 2 tests x 4 scenarios x 2 repetitions is 64 s of qperf alone)."""
@@ -124,7 +129,7 @@ def plan_for(quick: bool = False, reps: int | None = None, names: Sequence[str] 
         plan = replace(plan, reps=reps)
     if names:
         plan = replace(plan, scenarios=tuple(names))
-    return plan
+    return replace(plan, datapath=datapath, paths_only=paths_only)
 
 
 # --- steps of the run ----------------------------------------------------------------------
@@ -297,6 +302,8 @@ def describe_machine(plan: Plan | None = None) -> dict:
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if plan is not None:
+        machine["datapath"] = (f"OVS {plan.datapath} datapath: the peer is a pod on br-int" if plan.datapath else
+                               "no OVS: the peer is the node end of the VM's veth")
         machine["vm_side"] = "veth (a tap needs qemu or a relay behind it, which would cost more than the bridge)"
         machine["placement"] = {
             "latency": f"qperf client and server on CPU {plan.lat_cpu} (taskset)",
@@ -360,7 +367,7 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
         scens: list[Scenario] = []
         for name in plan.scenarios:
             step(f"building {name}")
-            scens.append(scenarios.build(name, stack))
+            scens.append(scenarios.build(name, stack, plan.datapath))
             if name == BRIDGE:
                 report.machine["bridge_nf_call_iptables"] = scenarios.sysctl_in(
                     scens[-1].pod_ns, "net.bridge.bridge-nf-call-iptables")
@@ -385,12 +392,17 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
         with costs.run_time_stats():
             report.paths = [check_path(scen) for scen in scens]
         wrong = [p for p in report.paths if not p.ok]
-        if wrong:
+        if wrong and plan.paths_only:
+            report.failures += [f"{p.scenario}: traffic does not take its path" for p in wrong]
+        elif wrong:
             raise BenchError("traffic does not take the expected path in: " + "; ".join(
                 f"{p.scenario} ({p.replies}/{p.pings} replies, {p.evidence}: {p.from_vm} from the VM, "
                 f"{p.to_vm} to it)" for p in wrong),
                 hint="run 'tcbypass-lab bench --debug --quick'; for the product, 'tcbypass status' while it runs")
 
+        if plan.paths_only:
+            report.machine["seconds"] = round(time.monotonic() - started, 1)
+            return report
         samples = measure_traffic(scens, plan, step, report.failures)
         samples += measure_cpu(scens, plan, step, report.failures)
 

@@ -124,14 +124,22 @@ def demo(lab: Lab, keep: bool, cleanup: str | None) -> None:
               help="Which scenarios, by name (default: direct,bridge,bypass,minimal): direct, bridge, bypass, "
                    "minimal, and for comparison bpfbridge, bypass-clsact, bypass-redirect, minimal-clsact, "
                    "minimal-redirect.")
+@click.option("--datapath", type=click.Choice(["system", "netdev", "auto"]), default=None,
+              help="Give every scenario's node its own Open vSwitch on this datapath (system: openvswitch.ko, "
+                   "what Kube-OVN nodes run; auto: system where the module loads), with the peer a pod on "
+                   "br-int. Default: no OVS, the peer on the node end of the VM's veth, so that the figures "
+                   "hold only what the pod's wiring costs.")
+@click.option("--paths-only", is_flag=True,
+              help="Build the scenarios, prove each carries traffic on its named path, tear down: no figures "
+                   "(a minute; what to run on a node's own datapath first).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the results as JSON to FILE.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), metavar="FILE.png",
               help="Also draw latency against message size, next to the reference talk, and the CPU figures "
                    "in FILE-cpu.png (needs matplotlib).")
 @click.pass_context
-def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str | None, json_file: str | None,
-          plot_file: str | None) -> None:
+def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str | None, datapath: str | None,
+          paths_only: bool, json_file: str | None, plot_file: str | None) -> None:
     """Measure what the in-pod bridge costs and what the fast path wins back.
 
     Builds the scenarios side by side in namespaces of their own and measures
@@ -166,22 +174,34 @@ def bench(ctx: click.Context, quick: bool, reps: int | None, scenario_names: str
     """
     if ctx.invoked_subcommand is not None:
         given = [flag for flag, value in (("--quick", quick), ("--reps", reps), ("--json", json_file),
-                                          ("--plot", plot_file), ("--scenarios", scenario_names)) if value]
+                                          ("--plot", plot_file), ("--scenarios", scenario_names),
+                                          ("--datapath", datapath), ("--paths-only", paths_only)) if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} belong(s) to the datapath benchmark, not to "
                                    f"'{ctx.invoked_subcommand}': give its own options after it")
         return
     from . import bench as benchmark, report as bench_report, scenarios
+    from .ovs import choose_datapath
 
     lab: Lab = ctx.obj
     names = run(scenarios.parse, scenario_names or ",".join(scenarios.DEFAULT))
     require_root("bench")
     if plot_file and not bench_report.can_plot():
         raise click.UsageError("--plot needs matplotlib (pip install matplotlib, the 'bench' extra)")
-    plan = benchmark.plan_for(quick=quick, reps=reps, names=names)
+    if paths_only and plot_file:
+        raise click.UsageError("--paths-only measures nothing to plot: leave out --plot")
+    plan = benchmark.plan_for(quick=quick, reps=reps, names=names, paths_only=paths_only,
+                              datapath=run(choose_datapath, datapath) if datapath else "")
     with bench_report.progress_display(lab.err, plan.steps()) as progress:
         report = run(benchmark.run, plan, progress)
     data = report.to_json()
+    if paths_only:
+        bench_report.render_paths(data, lab.console)
+        if json_file:
+            run(benchmark.write_json, data, json_file)
+        if data["failures"]:
+            raise SystemExit(1)
+        return
     bench_report.render(data, lab.console)
     if json_file:
         run(benchmark.write_json, data, json_file)

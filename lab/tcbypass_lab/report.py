@@ -248,20 +248,31 @@ def markdown(data: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def render(data: dict, console) -> None:
-    """Print a report's tables on a rich Console (the CLI's)."""
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]):
     from rich.table import Table
 
+    t = Table(title=title, title_justify="left")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def render_paths(data: dict, console) -> None:
+    """A --paths-only run: which path each scenario's traffic took, on which datapath."""
+    console.print(_table("paths: a burst of pings through each scenario", *path_rows(data)))
+    console.print(f"{data['machine'].get('datapath', '')}; kernel {data['machine']['kernel']}; "
+                  f"{data['machine'].get('seconds', 0):.0f} s.", highlight=False)
+    for failure in data["failures"]:
+        console.print(f"[red]wrong path:[/] {failure}", highlight=False)
+
+
+def render(data: dict, console) -> None:
+    """Print a report's tables on a rich Console (the CLI's)."""
     machine = data["machine"]
     reps = data["plan"]["reps"]
-
-    def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-        t = Table(title=title, title_justify="left")
-        for i, col in enumerate(header):
-            t.add_column(col, justify="left" if i == 0 else "right")
-        for row in rows:
-            t.add_row(*row)
-        return t
+    table = _table
 
     console.print(table("paths: a burst of pings before measuring", *path_rows(data)))
     for test in LAT_TESTS:
@@ -290,7 +301,8 @@ def render(data: dict, console) -> None:
                   f"Targets for the product: median of the five headline figures ≥ {TARGET_MEDIAN:.2f}, none below "
                   f"{TARGET_FLOOR:.2f}, each within {TARGET_GAP:.2f} of the minimal reference. "
                   f"{machine['cpus']} CPUs, {machine['cpu_model']}, kernel {machine['kernel']}, "
-                  f"VM side: veth. {machine.get('seconds', 0):.0f} s.", highlight=False)
+                  f"VM side: veth; {machine.get('datapath', 'no OVS')}. {machine.get('seconds', 0):.0f} s.",
+                  highlight=False)
     for failure in data["failures"]:
         console.print(f"[yellow]no result:[/] {failure}", highlight=False)
 

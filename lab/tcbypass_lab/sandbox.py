@@ -169,6 +169,7 @@ class Sandbox:
     bridge: str = "br-int"
     mtu: int = 0  # Kube-OVN's MTU for every pod NIC (1400 on its Geneve overlay); 0: the kernel's default
     _children: list = field(default_factory=list)  # helper processes started with spawn()
+    _servers: dict = field(default_factory=dict)  # server pod name -> its container id
     switch: PrivateOvs | None = None
 
     # --- lifecycle --------------------------------------------------------
@@ -316,9 +317,19 @@ class Sandbox:
         if dual_stack:
             sh("ip", "-6", "addr", "add", f"{v6_of(ip)}/64", "dev", "eth0", "nodad", netns=ns)
         sh("ip", "link", "set", "eth0", "up", netns=ns)
-        if self.ovs and self.datapath == NETDEV:
-            sh("ethtool", "-K", "eth0", "tx", "off", netns=ns, check=False)  # as Kube-OVN does on userspace OVS
+        self.offloads_as_kubeovn(ns, "eth0")
+        self._servers[name] = cid
         return ns
+
+    def host_port_of(self, server: str) -> str:
+        """The node end of server pod `server`'s veth."""
+        return self.host_port_name(self._servers[server])
+
+    def offloads_as_kubeovn(self, ns: str, dev: str) -> None:
+        """On the userspace datapath Kube-OVN turns tx checksumming off in the pod:
+        that datapath cannot finish partial checksums."""
+        if self.ovs and self.datapath == NETDEV:
+            sh("ethtool", "-K", dev, "tx", "off", netns=ns, check=False)
 
     def add_vm(self, vmi: str, ips: list[str], namespace: str = "default", vm_link: str = "veth",
                providers: tuple[str, ...] = (), managed_tap: bool = False,
@@ -473,8 +484,7 @@ class Sandbox:
             if nic.ip6:
                 sh("ip", "-6", "addr", "add", f"{nic.ip6}/64", "dev", nic.vm_dev, "nodad", netns=v)
             sh("ip", "link", "set", nic.vm_dev, "up", netns=v)
-            if self.ovs and self.datapath == NETDEV:
-                sh("ethtool", "-K", nic.vm_dev, "tx", "off", netns=v, check=False)
+            self.offloads_as_kubeovn(v, nic.vm_dev)
         else:
             multi = ("multi_queue",) if nic.queues > 1 else ()
             sh("ip", "tuntap", "add", "dev", nic.tap, "mode", "tap", "vnet_hdr", *multi, netns=p)

@@ -107,11 +107,12 @@ class Scenario:
     peer_ns: str  # netns path of the peer
     vm_mac: str
     peer_mac: str
-    host_port: str = ""  # the peer's device (the node end of the pod veth, or of the direct veth)
+    host_port: str = ""  # the node end of the VM's veth (of the pod's, or the direct one)
+    host_mac: str = ""  # its MAC (the peer's too when the peer is that node end)
+    mtu_devices: tuple[tuple[str, str], ...] = ()  # (netns name, device) of every device on the path
     pod_ns: str = ""  # the virt-launcher pod (not for direct)
     tap: str = ""
     nic: str = ""
-    pod_devices: tuple[str, ...] = ()  # every device in the pod whose MTU is the pod's
     hook: str = ""  # where its programs run (tcx | clsact), "" without programs
     mode: str = ""  # how frames from the VM leave: peer | peer-host (the product only) | redirect
     spec: AttachSpec | None = None  # the product's attachment
@@ -142,27 +143,50 @@ class Scenario:
             return maps.counters()
 
 
+def _peer(sb: Sandbox) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """The VM's peer: on a node with OVS, a server pod on br-int; without, the
+    node end of the VM's veth (set up by the caller). (netns name, MAC, devices)."""
+    if not sb.ovs:
+        return sb.node, "", ()
+    ns = sb.add_server_pod("peer", PEER_IP, namespace="bench", prefix=PREFIX)
+    return ns, mac_of(ns, "eth0"), ((ns, "eth0"), (sb.node, sb.host_port_of("peer")))
+
+
 def _build_direct(sb: Sandbox) -> Scenario:
-    """One veth pair, with the same addresses and VM MAC as the pod layouts."""
+    """One veth pair, with the same addresses and VM MAC as the pod layouts: its node
+    end is the peer, or, on a node with OVS, a port of br-int as an ordinary pod's."""
+    peer_ns, peer_mac, peer_devices = _peer(sb)
     vm = sb.add_netns(f"vm-{VMI}")
     host = f"{sb.tag}dir_h"  # named like Kube-OVN's host ports (<id>_h)
     sh("ip", "link", "add", "eth0", "netns", vm, "type", "veth", "peer", "name", host, "netns", sb.node)
     sh("ip", "link", "set", "eth0", "address", mac_for(f"{sb.tag}{VMI}0"), netns=vm)
     sh("ip", "addr", "add", f"{VM_IP}/{PREFIX}", "dev", "eth0", netns=vm)
     sh("ip", "link", "set", "eth0", "up", netns=vm)
-    sh("ip", "addr", "add", f"{PEER_IP}/{PREFIX}", "dev", host, netns=sb.node)
     sh("ip", "link", "set", host, "up", netns=sb.node)
-    return Scenario(DIRECT, KIND_DIRECT, sb.netns_path(vm), sb.netns_path(sb.node), mac_of(vm, "eth0"),
-                    mac_of(sb.node, host), host_port=host)
+    if sb.ovs:
+        sb.add_kubeovn_port(host, vm, VMI, "bench", f"{VMI}-direct.bench", VM_IP)
+        sb.offloads_as_kubeovn(vm, "eth0")
+    else:
+        sh("ip", "addr", "add", f"{PEER_IP}/{PREFIX}", "dev", host, netns=sb.node)
+    host_mac = mac_of(sb.node, host)
+    return Scenario(DIRECT, KIND_DIRECT, sb.netns_path(vm), sb.netns_path(peer_ns), mac_of(vm, "eth0"),
+                    peer_mac or host_mac, host_port=host, host_mac=host_mac,
+                    mtu_devices=((vm, "eth0"), (sb.node, host), *peer_devices))
 
 
 def _build_pod(sb: Sandbox, variant: Variant) -> Scenario:
-    """KubeVirt's bridge-binding pod, the peer on the node end of its veth."""
-    [nic] = sb.add_vm(VMI, [VM_IP], vm_link="veth")
-    sb.serve_on_host_port(nic, PEER_IP)
-    return Scenario(variant.name, variant.kind, sb.netns_path(nic.vm_ns), sb.netns_path(sb.node), nic.mac,
-                    mac_of(sb.node, nic.host_port), host_port=nic.host_port, pod_ns=sb.netns_path(nic.pod_ns),
-                    tap=nic.tap, nic=nic.nic, pod_devices=(nic.tap, nic.nic, nic.dummy))
+    """KubeVirt's bridge-binding pod; the peer is the node end of its veth, or a
+    server pod on br-int."""
+    peer_ns, peer_mac, peer_devices = _peer(sb)
+    [nic] = sb.add_vm(VMI, [VM_IP], namespace="bench", vm_link="veth")
+    if not sb.ovs:
+        sb.serve_on_host_port(nic, PEER_IP)
+    host_mac = mac_of(sb.node, nic.host_port)
+    devices = ((nic.vm_ns, nic.vm_dev), (sb.node, nic.host_port), *((nic.pod_ns, d) for d in (nic.tap, nic.nic,
+                                                                                               nic.dummy)))
+    return Scenario(variant.name, variant.kind, sb.netns_path(nic.vm_ns), sb.netns_path(peer_ns), nic.mac,
+                    peer_mac or host_mac, host_port=nic.host_port, host_mac=host_mac,
+                    pod_ns=sb.netns_path(nic.pod_ns), tap=nic.tap, nic=nic.nic, mtu_devices=devices + peer_devices)
 
 
 def _attach_product(scen: Scenario, variant: Variant, tag: str, stack: contextlib.ExitStack) -> None:
@@ -183,15 +207,18 @@ def _hook_reference(scen: Scenario, variant: Variant, stack: contextlib.ExitStac
         pod = os.path.basename(scen.pod_ns)
         for dev in (scen.tap, scen.nic):
             sh("ip", "link", "set", dev, "nomaster", "promisc", "on", netns=pod)
-    scen.reference = minimal.build(scen.pod_ns, scen.tap, scen.nic, scen.vm_mac, scen.peer_mac, scen.hook, peer,
+    scen.reference = minimal.build(scen.pod_ns, scen.tap, scen.nic, scen.vm_mac, scen.host_mac, scen.hook, peer,
                                    proxy=variant.proxy)
     stack.callback(scen.reference.close)
 
 
-def build(name: str, stack: contextlib.ExitStack) -> Scenario:
-    """Build scenario `name` in a new sandbox; the stack tears it down."""
+def build(name: str, stack: contextlib.ExitStack, datapath: str = "") -> Scenario:
+    """Build scenario `name` in a new sandbox; the stack tears it down. `datapath`
+    (system | netdev): the node has its own OVS on that datapath and the peer is
+    a pod on br-int; "" (the default): no OVS, the peer is the node end of the
+    VM's veth, which keeps the figures to what the pod's wiring costs."""
     variant = VARIANTS[name]
-    sb = stack.enter_context(Sandbox(ovs=False))
+    sb = stack.enter_context(Sandbox(ovs=bool(datapath), datapath=datapath))
     if variant.kind == KIND_DIRECT:
         return _build_direct(sb)
     scen = _build_pod(sb, variant)
@@ -206,9 +233,7 @@ def set_mtu(scen: Scenario, mtu: int) -> None:
     """Give every device of the scenario `mtu`, as Kube-OVN and KubeVirt would have
     wired the pod on a network of that MTU (the bridge follows its ports); the
     product attaches again, so that its config holds the path's new MTU."""
-    vm, node = os.path.basename(scen.vm_ns), os.path.basename(scen.peer_ns)
-    for ns, dev in ((vm, "eth0"), (node, scen.host_port),
-                    *((os.path.basename(scen.pod_ns), d) for d in scen.pod_devices)):
+    for ns, dev in scen.mtu_devices:
         sh("ip", "link", "set", dev, "mtu", str(mtu), netns=ns)
     if scen.kind == KIND_PRODUCT:
         result = attachments.attach(scen.spec)
