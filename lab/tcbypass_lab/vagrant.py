@@ -109,6 +109,10 @@ def destroy() -> Leftovers:
 
 
 def summary_line(output: str) -> str:
-    """pytest's last summary line in `vagrant up`'s output ("12 passed in 80.1s")."""
-    found = re.findall(r"=+ (.*(?:passed|failed|error).*) =+", output)
+    """pytest's last summary line in `vagrant up`'s output ("12 passed in 80.1s"),
+    framed by "=" or not (pytest -q leaves the frame off when nothing else is said),
+    after Vagrant's "default: " prefix."""
+    pattern = re.compile(r"^(?:=+ )?(\d+ (?:passed|failed|errors?|skipped)\b.*? in [\d.]+s(?: \(.*?\))?)(?: =+)?$")
+    found = [m.group(1) for line in output.splitlines()
+             if (m := pattern.match(line.strip().removeprefix("default:").strip()))]
     return found[-1] if found else ""

@@ -49,7 +49,7 @@ def _bench_netns() -> set[str]:
 def test_bench_quick_carries_each_scenario_on_its_path_writes_its_json_and_leaves_nothing_behind(tmp_path):
     token = f"TCB_BENCH_SMOKE={secrets.token_hex(8)}"
     out = tmp_path / "bench.json"
-    args = ["bench", "--quick", "--json", str(out), "--plot", str(tmp_path / "bench.png")]
+    args = ["bench", "--quick", "--reps", "1", "--json", str(out), "--plot", str(tmp_path / "bench.png")]
     netns_before, pins_before = _bench_netns(), pins("bench-")
 
     proc = run_lab(*args, env={token.split("=")[0]: token.split("=")[1]}, timeout=600)

@@ -110,6 +110,25 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def tcbypass_programs(ids: set[int]) -> set[int]:
+    """Those of the program ids that are tcbypass's (by name: tcb_from_vm, tcb_to_vm),
+    so that programs other software loads meanwhile never count."""
+    from tcbypass import bpfsys
+
+    ours = set()
+    for prog_id in ids:
+        try:
+            fd = bpfsys.prog_fd_by_id(prog_id)
+        except OSError:
+            continue  # freed meanwhile
+        try:
+            if bpfsys.prog_info(fd).name.startswith("tcb_"):
+                ours.add(prog_id)
+        finally:
+            os.close(fd)
+    return ours
+
+
 def loaded_ids(kind: str) -> set[int]:
     """Ids of every loaded BPF program ("prog") or map ("map") on the machine."""
     next_id = getattr(_lib(), f"bpf_{kind}_get_next_id")

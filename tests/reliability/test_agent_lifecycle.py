@@ -23,10 +23,12 @@ from tcbypass import attachments
 from tcbypass_lab.sandbox import ping, sh, wait_for_ping
 from tcbypass_lab.streams import PingFlow, UdpFlow
 from tests.conftest import RunningAgent, run_cli
-from tests.reliability.conftest import instance_ids, loaded_ids, pin_entries, report, wait_until_freed
+from tests.reliability.conftest import (instance_ids, loaded_ids, pin_entries, report, tcbypass_programs,
+                                       wait_until_freed)
 
 SERVER_IP = "10.16.0.2"
-OUTAGE = float(os.environ.get("TCBYPASS_OVSDB_OUTAGE", "60"))  # seconds OVSDB stays away
+# Seconds OVSDB stays away: 20 in every run, 60 for the figures in docs/reliability.md.
+OUTAGE = float(os.environ.get("TCBYPASS_OVSDB_OUTAGE", "20"))
 
 
 @pytest.fixture
@@ -132,7 +134,7 @@ def test_an_ovs_vswitchd_restart_keeps_every_attachment_and_loses_only_while_the
         agent.stop()
 
 
-def test_ovsdb_gone_for_a_minute_the_fast_path_runs_and_the_agent_catches_up(node, capsys):
+def test_ovsdb_gone_for_a_while_the_fast_path_runs_and_the_agent_catches_up(node, capsys):
     """ovsdb-server stops for OUTAGE seconds. Meanwhile a VM restarts (the agent
     refreshes it from what it last knew), a pod is plugged and another deleted
     (written into the database file behind the agent's back). The agent says so
@@ -271,7 +273,7 @@ def test_a_crash_loop_during_an_attach_storm_leaves_nothing_half_done(node, caps
             ours |= set(instance_ids(f"{attachments.loader.PIN_ROOT}/{entry}").progs.values())
         assert len(ours) == 100, "two programs per attachment, each pinned"
         time.sleep(1.0)  # programs of killed attaches are freed after an RCU grace period
-        leaked = loaded_ids("prog") - progs_before - ours
+        leaked = tcbypass_programs(loaded_ids("prog") - progs_before - ours)
         report(capsys, f"crash loop: killed 10 times with {kills} of 50 active at each kill; the 11th run had all "
                        f"active after {took:.1f} s; programs loaded beyond the attachments': {len(leaked)}")
         assert not leaked, f"programs left loaded by killed runs: {sorted(leaked)[:10]}"

@@ -57,10 +57,13 @@ def _mtu(ns: str, dev: str) -> int:
     return json.loads(sh("ip", "-j", "link", "show", "dev", dev, netns=ns).stdout)[0]["mtu"]
 
 
-def test_large_tcp_segments_arrive_intact_both_ways(mtu_pod):
+def test_tcp_and_udp_arrive_intact_both_ways(mtu_pod):
+    """TCP both ways at once (IPv4 and IPv6), on the kernel datapath in GSO segments
+    above the MTU; then UDP datagrams that fill a frame exactly, and ones the
+    sender fragments. Only the fast path can carry unicast meanwhile."""
     pod = mtu_pod
     pod.attach()
-    pod.sb.block_bridge_unicast(pod.nic)  # from here on only the fast path carries unicast
+    pod.sb.block_bridge_unicast(pod.nic)
     before = pod.row()["counters"]
     for server_ip, port in ((SERVER_IP, 19781), (SERVER_IP6, 19782)):
         assert tcp_exchange(pod.nic.vm_ns, pod.server, server_ip, 4 << 20, port=port) == (True, True), server_ip
@@ -75,12 +78,6 @@ def test_large_tcp_segments_arrive_intact_both_ways(mtu_pod):
     else:
         assert biggest <= frame, "the userspace datapath's pods send MTU-sized frames (tx checksumming off)"
 
-
-def test_full_size_and_fragmented_udp_arrive_intact_both_ways(mtu_pod):
-    """Datagrams that fill a frame exactly, and ones the sender fragments (IPv4 and IPv6)."""
-    pod = mtu_pod
-    pod.attach()
-    pod.sb.block_bridge_unicast(pod.nic)
     before = pod.redirected()
     for src, dst, dst_ip, version in ((pod.nic.vm_ns, pod.server, SERVER_IP, 4), (pod.server, pod.nic.vm_ns, VM_IP, 4),
                                       (pod.nic.vm_ns, pod.server, SERVER_IP6, 6),

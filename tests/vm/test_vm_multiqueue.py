@@ -71,21 +71,38 @@ def flows_over_both_queues(node: EmulatedNode, guest, seconds: float = 3.0) -> t
     return results, {q: after[q] - before.get(q, 0) for q in after}
 
 
-def test_a_multi_queue_vm_keeps_every_flow_on_the_fast_path_through_attach_and_detach(node, capsys):
+def test_a_multi_queue_vm_keeps_every_flow_on_the_fast_path_through_attach_detach_and_a_restart(node, capsys):
     vm = mig.start_vm(node, queues=QUEUES)
+    guest = vm.guest
     try:
         nic = vm.nics[0]
         tap = sh("ip", "-d", "link", "show", nic.tap, netns=nic.pod_ns).stdout
         assert "multi_queue" in tap and f"numqueues {QUEUES}" in tap, tap
-        _, queues = vm.guest.run("ls /sys/class/net/eth0/queues")
+        _, queues = guest.run("ls /sys/class/net/eth0/queues")
         assert {f"rx-{q}" for q in range(QUEUES)} <= set(queues.split()), "the guest uses both queue pairs"
 
-        # The fast path alone: the bridge forwards no unicast, so every datagram went by the programs.
+        # Detach and attach twice while flows run over the bridge's path: nothing lost.
+        server = server_of(node)
+        to_vm_flows = [mig.ToVm(server, guest, 31400 + i, rate=20) for i in range(TO_VM_FLOWS)]
+        from_vm_flows = [mig.FromVm(server, guest, 31500 + i, rate=20) for i in range(FROM_VM_FLOWS)]
+        for flow in to_vm_flows:
+            flow.start()
+        for _ in range(2):
+            assert attached(node)["state"] == "active"
+            time.sleep(0.5)
+            assert node.cli("detach", mig.VMI, "-n", mig.NAMESPACE).returncode == 0
+            time.sleep(0.5)
+        lost = {f.port: f.stop(guest)["lost"] for f in to_vm_flows}
+        lost |= {f.port: f.stop(guest)["lost"] for f in from_vm_flows}
+        assert sum(lost.values()) == 0, lost
+        assert node.pins() == 0, "detach leaves nothing pinned"
+
+        # The fast path alone (the bridge forwards no unicast): flows both ways spread over
+        # both queues, none lost, and status counts every datagram in its direction.
         row = attached(node)
-        assert row["state"] == "active", row
         node.sb.block_bridge_unicast(nic)
         before = row["counters"]["redirected_packets"]
-        results, interrupts = flows_over_both_queues(node, vm.guest)
+        results, interrupts = flows_over_both_queues(node, guest)
         after = node.statuses()[0]["counters"]["redirected_packets"]
         with capsys.disabled():
             print(f"\n    [mq] receive interrupts per queue: {interrupts}; "
@@ -97,44 +114,14 @@ def test_a_multi_queue_vm_keeps_every_flow_on_the_fast_path_through_attach_and_d
         assert after["to_vm"] - before["to_vm"] >= to_vm and after["from_vm"] - before["from_vm"] >= from_vm, \
             (before, after, to_vm, from_vm)
 
-        # Detach and attach again while the flows run (the bridge forwarding again): nothing lost.
-        sh("ip", "link", "set", nic.bridge, "type", "bridge", "ageing_time", "30000", netns=nic.pod_ns)
-        for dev in (nic.tap, nic.nic):
-            sh("bridge", "link", "set", "dev", dev, "flood", "on", netns=nic.pod_ns)
-        server = server_of(node)
-        to_vm_flows = [mig.ToVm(server, vm.guest, 31400 + i, rate=20) for i in range(TO_VM_FLOWS)]
-        from_vm_flows = [mig.FromVm(server, vm.guest, 31500 + i, rate=20) for i in range(FROM_VM_FLOWS)]
-        for flow in to_vm_flows:
-            flow.start()
-        for _ in range(2):
-            assert node.cli("detach", mig.VMI, "-n", mig.NAMESPACE).returncode == 0
-            time.sleep(0.5)
-            assert attached(node)["state"] == "active"
-            time.sleep(0.5)
-        lost = {f.port: f.stop(vm.guest)["lost"] for f in to_vm_flows}
-        lost |= {f.port: f.stop(vm.guest)["lost"] for f in from_vm_flows}
-        assert sum(lost.values()) == 0, lost
-        assert node.cli("detach", mig.VMI, "-n", mig.NAMESPACE).returncode == 0
-        assert node.pins() == 0 and "tcbypass" not in sh("tc", "filter", "show", "dev", nic.tap, "ingress",
-                                                         netns=nic.pod_ns, check=False).stdout
-    finally:
-        vm.guest.close()
-
-
-def test_a_restarted_multi_queue_vm_is_refreshed_onto_its_new_tap(node):
-    """The VM restarts: its tap goes, a new multi-queue tap comes with a new QEMU;
-    attach says `refreshed`, and both queues carry the fast path again."""
-    vm = mig.start_vm(node, queues=QUEUES)
-    vm.guest.close()
-    assert attached(node)["state"] == "active"
-    nic = vm.nics[0]
-    node.sb.restart_vm(nic)
-    guest = mig.guest_on(node, vm.nics, queues=QUEUES, cpus=QUEUES)
-    try:
+        # The VM restarts: a new multi-queue tap, a new QEMU; attach refreshes it, and both
+        # queues carry the fast path again.
+        guest.close()
+        node.sb.restart_vm(nic)
+        guest = mig.guest_on(node, vm.nics, queues=QUEUES, cpus=QUEUES)
         guest.start()
         guest.wait_ready(180)
-        [row] = node.statuses()
-        assert row["state"] == "stale", row
+        assert node.statuses()[0]["state"] == "stale"
         proc = node.cli("attach", mig.VMI, "-n", mig.NAMESPACE)
         assert proc.returncode == 0 and "refreshed" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
         node.sb.block_bridge_unicast(nic)
