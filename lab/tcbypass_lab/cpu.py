@@ -21,6 +21,12 @@ Busy time comes from cpuidle's residency counters where the kernel keeps
 them (microseconds per CPU and idle state: busy = wall time x CPUs - idle),
 else from /proc/stat, which counts in USER_HZ ticks (10 ms) and makes a
 single figure rough. Either way the median over repetitions is what counts.
+
+No split into system and softirq time: /proc/stat makes it by sampling
+what runs at each tick, and iperf3's paced sends are timed off the same
+clock, so here the ticks nearly always found iperf3 in user space (5 ticks
+of system time in a window of 100 busy ones, whatever the path). perf,
+which would count precisely, has no build for this machine's kernel.
 """
 
 from __future__ import annotations
@@ -34,8 +40,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .results import Sample
-from .traffic import (IPERF3_PORT, PEER_IP, TCP_CPU, TCP_MTU, TCP_PER_CORE, UDP_CPU, UDP_CPU_SOFTIRQ, UDP_CPU_SYSTEM,
-                      in_netns, run_client)
+from .traffic import IPERF3_PORT, PEER_IP, TCP_CPU, TCP_MTU, TCP_PER_CORE, UDP_CPU, in_netns, run_client
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +49,12 @@ PAYLOAD = 64
 
 # --- CPU time --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class CpuTime:
-    """Seconds of CPU the whole machine spent: busy (everything but idle and
-    iowait), and of it, system and softirq time."""
-
-    busy: float
-    system: float
-    softirq: float
-
-    def __sub__(self, other: "CpuTime") -> "CpuTime":
-        return CpuTime(self.busy - other.busy, self.system - other.system, self.softirq - other.softirq)
-
-
-def parse_stat(text: str, hz: int) -> CpuTime:
-    """The aggregate `cpu` line of /proc/stat -> seconds."""
+def parse_stat(text: str, hz: int) -> float:
+    """Busy seconds (everything but idle and iowait) from the aggregate `cpu` line of /proc/stat."""
     for line in text.splitlines():
         if line.startswith("cpu "):
             user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in line.split()[1:9])
-            busy = user + nice + system + irq + softirq + steal
-            return CpuTime(busy / hz, system / hz, softirq / hz)
+            return (user + nice + system + irq + softirq + steal) / hz
     raise ValueError("no aggregate cpu line in /proc/stat")
 
 
@@ -83,44 +74,37 @@ def _idle_microseconds() -> int | None:
 @dataclass(frozen=True)
 class Snapshot:
     at: float  # time.monotonic()
-    stat: CpuTime  # /proc/stat, in ticks of USER_HZ (10 ms)
+    stat_busy: float  # busy seconds from /proc/stat, in ticks of USER_HZ (10 ms)
     idle_us: int | None  # cpuidle residency, when the kernel keeps it
 
 
 def cpu_now() -> Snapshot:
     with open("/proc/stat") as f:
-        stat = parse_stat(f.read(), os.sysconf("SC_CLK_TCK"))
-    return Snapshot(time.monotonic(), stat, _idle_microseconds())
+        busy = parse_stat(f.read(), os.sysconf("SC_CLK_TCK"))
+    return Snapshot(time.monotonic(), busy, _idle_microseconds())
 
 
-def spent(start: Snapshot, end: Snapshot) -> CpuTime:
-    """CPU spent between two snapshots. Busy time from cpuidle's residency where
-    there is one (microseconds: the wall time of every CPU less its idle time),
-    else from /proc/stat's ticks; system and softirq always from ticks."""
-    ticks = end.stat - start.stat
+def busy_between(start: Snapshot, end: Snapshot) -> float:
+    """Busy CPU seconds between two snapshots: from cpuidle's residency where there
+    is one (microseconds: the wall time of every CPU less its idle time), else from
+    /proc/stat's ticks."""
     if start.idle_us is None or end.idle_us is None:
-        return ticks
-    busy = (end.at - start.at) * (os.cpu_count() or 1) - (end.idle_us - start.idle_us) / 1e6
-    return CpuTime(busy, ticks.system, ticks.softirq)
+        return end.stat_busy - start.stat_busy
+    return (end.at - start.at) * (os.cpu_count() or 1) - (end.idle_us - start.idle_us) / 1e6
 
 
-def measured(work: Callable[[], object]) -> tuple[object, CpuTime, float]:
-    """Run `work`; what it returned, the CPU the machine spent meanwhile, and the wall time."""
+def measured(work: Callable[[], object]) -> tuple[object, float, float]:
+    """Run `work`; what it returned, the busy CPU seconds of the machine meanwhile, and the wall time."""
     start = cpu_now()
     out = work()
     end = cpu_now()
-    return out, spent(start, end), end.at - start.at
+    return out, busy_between(start, end), end.at - start.at
 
 
-def idle_rate(seconds: float) -> CpuTime:
-    """CPU a second while nothing of ours runs (the machine's own background)."""
-    _, used, wall = measured(lambda: time.sleep(seconds))
-    return CpuTime(used.busy / wall, used.system / wall, used.softirq / wall)
-
-
-def _less(used: CpuTime, idle: CpuTime, wall: float) -> CpuTime:
-    """What a window used beyond the machine's background."""
-    return CpuTime(used.busy - idle.busy * wall, used.system - idle.system * wall, used.softirq - idle.softirq * wall)
+def idle_rate(seconds: float) -> float:
+    """Busy CPU seconds a second while nothing of ours runs (the machine's own background)."""
+    _, busy, wall = measured(lambda: time.sleep(seconds))
+    return busy / wall
 
 
 # --- iperf3 ------------------------------------------------------------------------------------
@@ -162,9 +146,8 @@ class Load:
     client_cpu: int = 0  # where the iperf3 client runs (its server runs where the bench's servers run)
 
 
-def udp_cpu(scenario: str, vm_ns: str, load: Load, idle: CpuTime) -> list[Sample]:
-    """ns of CPU per packet at `load.pps` each way: all of it, and the system and
-    softirq time in it."""
+def udp_cpu(scenario: str, vm_ns: str, load: Load, idle: float) -> list[Sample]:
+    """ns of CPU per packet at `load.pps` each way."""
     rate = load.pps * PAYLOAD * 8
     data, used, wall = measured(lambda: _iperf3(vm_ns, load.client_cpu, load.seconds, "-u", "-l", str(PAYLOAD),
                                                  "-b", str(rate), "--bidir"))
@@ -175,13 +158,10 @@ def udp_cpu(scenario: str, vm_ns: str, load: Load, idle: CpuTime) -> list[Sample
     if packets < 0.95 * expected:  # the scenario could not carry the load: its CPU is not comparable
         log.warning("%s: %d of %d datagrams arrived at the fixed load", scenario, packets, expected)
         return []
-    mine = _less(used, idle, wall)
-    return [Sample(scenario, test, PAYLOAD, seconds / packets * 1e9)
-            for test, seconds in ((UDP_CPU, mine.busy), (UDP_CPU_SYSTEM, mine.system),
-                                  (UDP_CPU_SOFTIRQ, mine.softirq))]
+    return [Sample(scenario, UDP_CPU, PAYLOAD, (used - idle * wall) / packets * 1e9)]
 
 
-def tcp_cpu(scenario: str, vm_ns: str, load: Load, idle: CpuTime) -> list[Sample]:
+def tcp_cpu(scenario: str, vm_ns: str, load: Load, idle: float) -> list[Sample]:
     """ns of CPU per KiB of a TCP stream capped at `load.tcp_mbit`."""
     data, used, wall = measured(lambda: _iperf3(vm_ns, load.client_cpu, load.seconds, "-b",
                                                  f"{load.tcp_mbit}M"))
@@ -190,7 +170,7 @@ def tcp_cpu(scenario: str, vm_ns: str, load: Load, idle: CpuTime) -> list[Sample
     octets, _ = tcp_received(data)
     if not octets:
         return []
-    return [Sample(scenario, TCP_CPU, load.tcp_mbit, _less(used, idle, wall).busy / (octets / 1024) * 1e9)]
+    return [Sample(scenario, TCP_CPU, load.tcp_mbit, (used - idle * wall) / (octets / 1024) * 1e9)]
 
 
 def tcp_per_core(scenario: str, vm_ns: str, load: Load, mtu: int) -> list[Sample]:
@@ -200,5 +180,5 @@ def tcp_per_core(scenario: str, vm_ns: str, load: Load, mtu: int) -> list[Sample
         return []
     octets, seconds = tcp_received(data)
     gbit = octets * 8 / seconds / 1e9
-    cores = used.busy / wall
+    cores = used / wall
     return [Sample(scenario, TCP_MTU, mtu, gbit), Sample(scenario, TCP_PER_CORE, mtu, gbit / cores)]

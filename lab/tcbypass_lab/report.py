@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 from .results import TALK, TARGET_FLOOR, TARGET_GAP, TARGET_MEDIAN, recovered_share
 from .scenarios import BASELINES, BRIDGE, DIRECT, order
 from .traffic import (IPERF3_TCP_LEN, LAT_TESTS, PPS_PAYLOAD, TCP_BW, TCP_CPU, TCP_MTU, TCP_PER_CORE, UDP_CPU,
-                      UDP_CPU_SOFTIRQ, UDP_CPU_SYSTEM, UDP_PPS, size_label)
+                      UDP_PPS, size_label)
 
 COLOURS = {"direct": "tab:green", "bridge": "tab:red", "bypass": "tab:blue", "minimal": "tab:orange",
            "bypass-clsact": "tab:cyan", "bypass-redirect": "navy", "minimal-clsact": "gold",
@@ -101,9 +101,7 @@ def throughput_rows(data: dict) -> tuple[list[str], list[list[str]]]:
 def cpu_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     """CPU at the fixed loads (lower is better)."""
     load = (data["plan"].get("load") or {})
-    figures = [(UDP_CPU, PPS_PAYLOAD, 1, f"UDP 64 B, {load.get('pps', 0) // 1000} kpps each way: ns CPU/packet"),
-               (UDP_CPU_SYSTEM, PPS_PAYLOAD, 1, "... of which system time"),
-               (UDP_CPU_SOFTIRQ, PPS_PAYLOAD, 1, "... of which softirq time")]
+    figures = [(UDP_CPU, PPS_PAYLOAD, 1, f"UDP 64 B, {load.get('pps', 0) // 1000} kpps each way: ns CPU/packet")]
     caps = sorted({r["size"] for r in data["results"] if r["test"] == TCP_CPU})
     figures += [(TCP_CPU, cap, 1, f"TCP capped at {cap} Mbit/s: ns CPU/KiB") for cap in caps]
     return figure_rows(data, figures)

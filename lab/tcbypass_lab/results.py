@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .scenarios import BASELINES, BRIDGE, BYPASS, DIRECT, MINIMAL, order
-from .traffic import (LAT_TESTS, TCP_BW, TCP_CPU, TCP_MTU, TCP_PER_CORE, UDP_CPU, UDP_CPU_SOFTIRQ, UDP_CPU_SYSTEM,
-                      UDP_PPS, UNITS)
+from .traffic import LAT_TESTS, TCP_BW, TCP_CPU, TCP_MTU, TCP_PER_CORE, UDP_CPU, UDP_PPS, UNITS
 
 KIB = 1024
 
@@ -127,8 +126,7 @@ def summarize(samples: Sequence[Sample]) -> list[Result]:
     for s in samples:
         groups.setdefault((s.scenario, s.test, s.size, s.streams), []).append(s.value)
     rank = {name: i for i, name in enumerate(order({k[0] for k in groups}))}
-    tests = {name: i for i, name in enumerate(LAT_TESTS + (TCP_BW, UDP_PPS, UDP_CPU, UDP_CPU_SYSTEM, UDP_CPU_SOFTIRQ,
-                                                           TCP_CPU, TCP_MTU, TCP_PER_CORE))}
+    tests = {name: i for i, name in enumerate(LAT_TESTS + (TCP_BW, UDP_PPS, UDP_CPU, TCP_CPU, TCP_MTU, TCP_PER_CORE))}
     results = []
     for key in sorted(groups, key=lambda k: (tests.get(k[1], 9), k[2], k[3], rank[k[0]])):
         scenario, test, size, streams = key

@@ -28,10 +28,8 @@ LAT_TESTS = ("tcp_lat", "udp_lat")
 TCP_BW, UDP_PPS = "tcp_bw", "udp_pps"
 # CPU at a fixed load (per packet, per KiB) and a TCP stream at an MTU (lab/tcbypass_lab/cpu.py)
 UDP_CPU, TCP_CPU, TCP_MTU, TCP_PER_CORE = "udp_cpu", "tcp_cpu", "tcp_bw_mtu", "tcp_per_core"
-UDP_CPU_SYSTEM, UDP_CPU_SOFTIRQ = "udp_cpu_system", "udp_cpu_softirq"  # the parts of udp_cpu
 UNITS = {"tcp_lat": "us", "udp_lat": "us", TCP_BW: "Gbit/s", UDP_PPS: "kpps", UDP_CPU: "ns/packet",
-         UDP_CPU_SYSTEM: "ns/packet", UDP_CPU_SOFTIRQ: "ns/packet", TCP_CPU: "ns/KiB", TCP_MTU: "Gbit/s",
-         TCP_PER_CORE: "Gbit/s/core"}
+         TCP_CPU: "ns/KiB", TCP_MTU: "Gbit/s", TCP_PER_CORE: "Gbit/s/core"}
 UDP_MAX_PAYLOAD = 65507  # the largest UDP datagram: qperf's "64K" UDP message is sent at this size
 IPERF3_TCP_LEN = 128 * 1024  # iperf3's default TCP write size
 PPS_PAYLOAD = 64

@@ -221,11 +221,17 @@ def test_the_cpu_figures_render_with_what_each_scenario_wins_back(tmp_path):
     assert report.cpu_plot_path("docs/benchmarks.png") == "docs/benchmarks-cpu.png"
 
 
-def test_cpu_time_is_read_from_the_aggregate_line_of_proc_stat():
+def test_busy_time_is_read_from_the_aggregate_line_of_proc_stat():
     stat = "cpu  100 5 50 1000 7 3 40 2 0 0\ncpu0 50 0 25 500 3 1 20 1 0 0\n"
-    got = cpu.parse_stat(stat, hz=100)
-    assert (got.busy, got.system, got.softirq) == pytest.approx((2.0, 0.5, 0.4))
-    assert (cpu.parse_stat(stat.replace("100 5", "150 5"), 100) - got).busy == pytest.approx(0.5)
+    assert cpu.parse_stat(stat, hz=100) == pytest.approx(2.0), "user nice system irq softirq steal, not idle/iowait"
+
+
+def test_busy_time_comes_from_cpuidle_residency_where_there_is_one():
+    start = cpu.Snapshot(at=10.0, stat_busy=5.0, idle_us=1_000_000)
+    end = cpu.Snapshot(at=12.0, stat_busy=6.0, idle_us=2_500_000)
+    cpus = __import__("os").cpu_count() or 1
+    assert cpu.busy_between(start, end) == pytest.approx(2.0 * cpus - 1.5)
+    assert cpu.busy_between(start, cpu.Snapshot(12.0, 6.0, None)) == pytest.approx(1.0), "ticks without cpuidle"
 
 
 def test_a_bidir_udp_run_counts_what_arrived_both_ways():
