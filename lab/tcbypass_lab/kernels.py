@@ -115,10 +115,17 @@ _AGENT = tuple(f"tests/integration/test_agent.py::{name}" for name in (
 _OVS_NO_LOSS = tuple("tests/reliability/test_no_loss.py::"
                      f"test_attach_reattach_upgrade_and_detach_under_traffic_lose_nothing[ovs-{hook}]"
                      for hook in ("tcx", "clsact"))
+# Open vSwitch restarted, and its database gone a while, under the agent: what the kernel
+# datapath keeps forwarding that the userspace one does not.
+_OVS_RESTARTS = tuple(f"tests/reliability/test_agent_lifecycle.py::{name}" for name in (
+    "test_an_ovs_vswitchd_restart_keeps_every_attachment_and_loses_only_while_the_switch_is_down",
+    "test_ovsdb_gone_for_a_while_the_fast_path_runs_and_the_agent_catches_up"))
 KERNEL_DATAPATH = TestGroup(
-    "kernel-datapath", ("tests/switch", "tests/integration/test_vmi.py", *_AGENT, *_OVS_NO_LOSS), 3600,
+    "kernel-datapath", ("tests/switch", "tests/integration/test_vmi.py", *_AGENT, *_OVS_NO_LOSS, *_OVS_RESTARTS),
+    4800,
     "OVS kernel datapath: discovery, attach, status (--all), detach; the agent; no loss; IPv4 and IPv6; "
-    "peer mode against the real receiver; OVN policy kept; both pod NIC types")
+    "peer mode against the real receiver; OVN policy kept; both pod NIC types; MTUs 1400 and 9000; the bench's "
+    "paths; ovs-vswitchd restarted and OVSDB gone under the agent")
 _V, _I = "[veth-pair]", "[internal-port]"
 KERNEL_DATAPATH_CI = TestGroup(
     "kernel-datapath", (f"tests/switch/test_attach.py::test_attach_status_and_detach_leave_the_pod_exactly_as_it_was{_V}",
