@@ -38,7 +38,7 @@ import signal
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import attachments, build, features, health, netns, nodeview, ovsdb
 from .errors import NetnsError, NotBypassableError, OvsdbError, TcbError, UnknownVmiError
@@ -63,7 +63,6 @@ class AgentStats:
     ovsdb_connects: int = 0
     ovsdb_up: bool = False
     ovsdb_down_since: float | None = None  # time.monotonic() when it went away
-    last_reaction_ms: dict = field(default_factory=dict)  # vmi key -> ms from first event to attached
 
 
 def _link_events_socket(path: str) -> socket.socket:
@@ -312,18 +311,18 @@ class Agent:
         for key, since in list(self._dirty.items()):
             if since + self.debounce <= now:
                 self._dirty.pop(key)
-                self._reconcile(key, since)
+                self._reconcile(key)
 
     # --- reconciling one VMI ----------------------------------------------------------
-    def _reconcile(self, key: tuple[str, str], since: float) -> None:
+    def _reconcile(self, key: tuple[str, str]) -> None:
         self.stats.reconciles += 1
         try:
-            self._reconcile_vmi(key, since)
+            self._reconcile_vmi(key)
         except Exception as exc:  # never ends the loop: the other pods are still served
             self._unexpected(f"{key[0]}/{key[1]}", exc)
             self._retry_later(key)
 
-    def _reconcile_vmi(self, key: tuple[str, str], since: float) -> None:
+    def _reconcile_vmi(self, key: tuple[str, str]) -> None:
         namespace, name = key
         if not self._rows_of(key):
             try:
@@ -358,7 +357,6 @@ class Agent:
         for done in result.attached:
             if done.action != "unchanged":
                 self.stats.attaches += 1
-                self.stats.last_reaction_ms[f"{namespace}/{name}"] = (time.monotonic() - since) * 1000
                 log.info("%s/%s: %s %s (%s <-> %s)", namespace, name, done.action, done.record.name,
                          done.record.tap, done.record.nic)
         for record in result.removed:

@@ -188,6 +188,7 @@ class Guest:
         self._console: SerialConsole | None = None
         self._started_at = 0.0
         self._seq = 0
+        self.nudges = 0  # commands answered only after _nudge()
         self._broken = ""
 
     # --- lifecycle ---
@@ -367,14 +368,17 @@ class Guest:
         output: list[str] = []
         started = time.monotonic()
         line = console.wait_for(lambda l: _done_tag(l) == tag, limit + RUN_SLACK_S, collect=output)
+        if line is None and not self._qemu_gone(console):
+            line = self._nudge(console, tag, output, cmd)
         m = _DONE_RE.search(line) if line else None
         if not m:
             if self._qemu_gone(console):
                 self._broken = f"qemu exited ({self._child.proc.returncode})"
                 raise GuestError(f"qemu exited ({self._child.proc.returncode}) while running {cmd!r}:\n"
                                  f"{console.last()}")
-            self._broken = f"no answer to {cmd!r} within {limit + RUN_SLACK_S:.0f} s"
-            raise GuestTimeout(f"guest did not answer {cmd!r} within {limit + RUN_SLACK_S:.0f} s:\n"
+            waited = limit + 2 * RUN_SLACK_S
+            self._broken = f"no answer to {cmd!r} within {waited:.0f} s"
+            raise GuestTimeout(f"guest did not answer {cmd!r} within {waited:.0f} s (nudged once):\n"
                                f"{console.last()}")
         # Output that did not end in a newline shares the marker's line.
         text = "".join(f"{l}\n" for l in output) + line[:m.start()]
@@ -382,6 +386,20 @@ class Guest:
             raise GuestTimeout(f"{cmd!r} still running after {limit} s; the guest killed it\n{text}")
         log.debug("guest ran %r in %.2f s: rc %s", cmd, time.monotonic() - started, m["rc"])
         return int(m["rc"]), text
+
+    def _nudge(self, console: SerialConsole, tag: str, output: list[str], cmd: str) -> str | None:
+        """One more newline on a console that went quiet, and a last wait. Under TCG
+        with two vCPUs the guest's UART has been seen to sit on a command (or on its
+        answer) until the next byte arrives; an empty line is ignored by the
+        guest's loop, and its interrupt gets a stalled UART moving."""
+        with contextlib.suppress(OSError):
+            self._child.proc.stdin.write(b"\n")
+            self._child.proc.stdin.flush()
+        line = console.wait_for(lambda l: _done_tag(l) == tag, RUN_SLACK_S, collect=output)
+        if line is not None:
+            self.nudges += 1
+            log.warning("the guest answered %r only after a nudge on its console", cmd)
+        return line
 
     def _qemu_gone(self, console: SerialConsole) -> bool:
         """Whether qemu has exited. Its output ends a moment before the

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from tcbypass import netns
 
@@ -127,16 +127,23 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, poll: float =
 
 class ToVm:
     """Sequence-numbered UDP from the server to the VM, sent from a socket in the
-    server's namespace; in the guest, tcb-udp (guest_tools/) notes when each arrives."""
+    server's namespace; in the guest, tcb-udp (guest_tools/) notes when each arrives.
+    `receiver=False`: its receiver is started by start_flows(), with others."""
 
-    def __init__(self, server_ns: str, guest: Guest, port: int, rate: float = RATE):
+    def __init__(self, server_ns: str, guest: Guest, port: int, rate: float = RATE, receiver: bool = True):
         self.guest, self.port, self.period = guest, port, 1.0 / rate
         self.sent = 0
         self._stop = threading.Event()
-        # The command runs in a session of its own (the guest's init): its id stops what it started.
-        guest.run(f"echo $$ > /tmp/rx{port}.sid; tcb-udp recv {port} > /tmp/rx{port} 2>/dev/null &")
+        if receiver:
+            guest.run(self.guest_start())
         self.sock = netns.run_in(f"{NETNS_DIR}/{server_ns}", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         self.thread = threading.Thread(target=self._send, daemon=True)
+
+    def guest_start(self) -> str:
+        return _in_own_session(f"rx{self.port}", f"tcb-udp recv {self.port} > /tmp/rx{self.port} 2>/dev/null")
+
+    def guest_stop(self) -> str:
+        return f"kill -TERM -$(cat /tmp/rx{self.port}.sid) 2>/dev/null; echo '{FLOW_MARK} {self.port}'; cat /tmp/rx{self.port}"
 
     def start(self) -> None:
         self.thread.start()
@@ -150,15 +157,22 @@ class ToVm:
             due += self.period
             self._stop.wait(max(0.0, due - time.monotonic()))
 
-    def stop(self, guest: Guest) -> dict:
-        """Stop; `guest` is where the VM runs now (the file moved with it)."""
+    def halt(self) -> None:
+        """Stop sending."""
         self._stop.set()
         self.thread.join()
         self.sock.close()
+
+    def stop(self, guest: Guest) -> dict:
+        """Stop; `guest` is where the VM runs now (the file moved with it)."""
+        self.halt()
         time.sleep(0.5)
-        _, out = guest.run(f"kill -TERM -$(cat /tmp/rx{self.port}.sid) 2>/dev/null; cat /tmp/rx{self.port}",
-                           timeout=60)
-        got = {int(line.split()[0]) for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
+        _, out = guest.run(self.guest_stop(), timeout=60)
+        return self.figures(out)
+
+    def figures(self, received: str) -> dict:
+        """Lost datagrams, from what the guest's receiver wrote."""
+        got = {int(line.split()[0]) for line in received.splitlines() if line.split() and line.split()[0].isdigit()}
         lost = sorted(set(range(self.sent)) - got)
         # The guest's clock stands still while it is paused for the switch-over: the
         # gap is measured on the sender's clock, from the longest run of lost datagrams.
@@ -168,17 +182,25 @@ class ToVm:
 
 class FromVm:
     """Sequence-numbered UDP from the VM (tcb-udp in the guest) to a socket in the
-    server's namespace, which notes when each arrives."""
+    server's namespace, which notes when each arrives. `sender=False`: its sender
+    is started by start_flows(), with others."""
 
-    def __init__(self, server_ns: str, guest: Guest, port: int, rate: float = RATE):
-        self.port, self.arrivals = port, {}
+    def __init__(self, server_ns: str, guest: Guest, port: int, rate: float = RATE, sender: bool = True):
+        self.port, self.rate, self.arrivals = port, rate, {}
         self._stop = threading.Event()
         self.sock = netns.run_in(f"{NETNS_DIR}/{server_ns}", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         self.sock.bind((SERVER_IP, port))
         self.sock.settimeout(0.2)
         self.thread = threading.Thread(target=self._receive, daemon=True)
         self.thread.start()
-        guest.run(f"echo $$ > /tmp/tx{port}.sid; tcb-udp send {SERVER_IP} {port} {rate} >/dev/null 2>&1 &")
+        if sender:
+            guest.run(self.guest_start())
+
+    def guest_start(self) -> str:
+        return _in_own_session(f"tx{self.port}", f"tcb-udp send {SERVER_IP} {self.port} {self.rate} >/dev/null 2>&1")
+
+    def guest_stop(self) -> str:
+        return f"kill -TERM -$(cat /tmp/tx{self.port}.sid) 2>/dev/null"
 
     def _receive(self) -> None:
         while not self._stop.is_set():
@@ -190,12 +212,55 @@ class FromVm:
                 self.arrivals.setdefault(int(data), time.monotonic())
 
     def stop(self, guest: Guest) -> dict:
-        guest.run(f"kill -TERM -$(cat /tmp/tx{self.port}.sid) 2>/dev/null; true")
+        guest.run(f"{self.guest_stop()}; true")
+        return self.finish()
+
+    def finish(self) -> dict:
+        """After the guest's sender stopped: what arrived."""
         time.sleep(0.3)
         self._stop.set()
         self.thread.join()
         self.sock.close()
         return figures(max(self.arrivals, default=-1) + 1, self.arrivals)
+
+
+FLOW_MARK = "TCB-FLOW"
+
+
+def _in_own_session(name: str, cmd: str) -> str:
+    """A guest command line that runs `cmd` in the background in a session of its
+    own, whose id (/tmp/NAME.sid) stops it and all it started."""
+    return f"setsid sh -c 'echo $$ > /tmp/{name}.sid; exec {cmd}' </dev/null >/dev/null 2>&1 &"
+
+
+def start_flows(server_ns: str, guest: Guest, to_ports: Sequence[int], from_ports: Sequence[int],
+                rate: float = RATE) -> tuple[list[ToVm], list[FromVm]]:
+    """Flows both ways whose guest ends start in one guest command (each guest
+    command is a round trip over the serial console, seconds under TCG); the
+    flows to the VM still have to be start()ed."""
+    to_vm = [ToVm(server_ns, guest, port, rate, receiver=False) for port in to_ports]
+    from_vm = [FromVm(server_ns, guest, port, rate, sender=False) for port in from_ports]
+    # Back once every receiver has bound its port (/proc/net/udp shows it in hex):
+    # what is sent before would be lost for reasons of our own.
+    listening = "\n".join(f"until grep -q ':{port:04X} ' /proc/net/udp; do sleep 0.05; done" for port in to_ports)
+    guest.run("\n".join([*(f.guest_start() for f in [*to_vm, *from_vm]), listening]))
+    return to_vm, from_vm
+
+
+def stop_flows(guest: Guest, to_vm: Sequence[ToVm], from_vm: Sequence[FromVm]) -> dict[str, dict]:
+    """Stop flows started by start_flows() in one guest command; figures per flow
+    ("to PORT", "from PORT")."""
+    for flow in to_vm:
+        flow.halt()
+    time.sleep(0.5)
+    _, out = guest.run("\n".join([*(f.guest_stop() for f in from_vm), *(f.guest_stop() for f in to_vm), "true"]),
+                       timeout=60)
+    received = {port: "" for port in (f.port for f in to_vm)}
+    for chunk in out.split(FLOW_MARK)[1:]:
+        port, _, rest = chunk.strip().partition("\n")
+        received[int(port)] = rest
+    return ({f"to {f.port}": f.figures(received[f.port]) for f in to_vm}
+            | {f"from {f.port}": f.finish() for f in from_vm})
 
 
 def _longest_run(seqs: list[int]) -> int:

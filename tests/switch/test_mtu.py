@@ -95,7 +95,7 @@ def test_frames_longer_than_the_path_meet_the_bridges_fate(mtu_pod):
     also GSO frames of UDP datagrams (UDP_SEGMENT), whose segments fit or are
     one byte too long: the veth judges a GSO frame by its segments. What
     arrives over the bypass is exactly what arrives over the bridge, and the
-    bridge's own result is the one the MTU dictates."""
+    bridge's own result for a single frame is the one the MTU dictates."""
     pod, mtu = mtu_pod, mtu_pod.sb.mtu
     for ns, dev in ((pod.nic.vm_ns, pod.nic.vm_dev), (pod.nic.pod_ns, pod.nic.tap)):
         sh("ip", "link", "set", dev, "mtu", str(mtu + 1000), netns=ns)
@@ -109,7 +109,9 @@ def test_frames_longer_than_the_path_meet_the_bridges_fate(mtu_pod):
         return got, [_gso_delivered(pod, port + 1, seg) for seg in gso]
 
     over_bridge = probe(7110)
-    assert over_bridge == ([fits], [3, 0][:len(gso)]), f"the bridge's own verdicts: {over_bridge}"
+    # One frame is judged by the MTU. A GSO frame whose segments are one byte too long is
+    # the kernel's call (6.1 delivers its segments, 6.12 drops them): the bypass must only agree.
+    assert over_bridge[0] == [fits] and over_bridge[1][:1] == [3][:len(gso)], f"the bridge's verdicts: {over_bridge}"
     pod.attach()
     before = pod.redirected()
     assert probe(7120) == over_bridge

@@ -59,14 +59,13 @@ def attached(node: EmulatedNode) -> dict:
 
 def flows_over_both_queues(node: EmulatedNode, guest, seconds: float = 3.0) -> tuple[dict, dict]:
     """Run TO_VM_FLOWS flows to the guest and FROM_VM_FLOWS from it; (per-flow results, interrupts per queue)."""
-    server = server_of(node)
     before = input_interrupts(guest)
-    to_vm = [mig.ToVm(server, guest, 31200 + i, rate=20) for i in range(TO_VM_FLOWS)]
-    from_vm = [mig.FromVm(server, guest, 31300 + i, rate=20) for i in range(FROM_VM_FLOWS)]
+    to_vm, from_vm = mig.start_flows(server_of(node), guest, range(31200, 31200 + TO_VM_FLOWS),
+                                     range(31300, 31300 + FROM_VM_FLOWS), rate=20)
     for flow in to_vm:
         flow.start()
     time.sleep(seconds)
-    results = {f"to {f.port}": f.stop(guest) for f in to_vm} | {f"from {f.port}": f.stop(guest) for f in from_vm}
+    results = mig.stop_flows(guest, to_vm, from_vm)
     after = input_interrupts(guest)
     return results, {q: after[q] - before.get(q, 0) for q in after}
 
@@ -82,9 +81,8 @@ def test_a_multi_queue_vm_keeps_every_flow_on_the_fast_path_through_attach_detac
         assert {f"rx-{q}" for q in range(QUEUES)} <= set(queues.split()), "the guest uses both queue pairs"
 
         # Detach and attach twice while flows run over the bridge's path: nothing lost.
-        server = server_of(node)
-        to_vm_flows = [mig.ToVm(server, guest, 31400 + i, rate=20) for i in range(TO_VM_FLOWS)]
-        from_vm_flows = [mig.FromVm(server, guest, 31500 + i, rate=20) for i in range(FROM_VM_FLOWS)]
+        to_vm_flows, from_vm_flows = mig.start_flows(server_of(node), guest, range(31400, 31400 + TO_VM_FLOWS),
+                                                     range(31500, 31500 + FROM_VM_FLOWS), rate=20)
         for flow in to_vm_flows:
             flow.start()
         for _ in range(2):
@@ -92,9 +90,10 @@ def test_a_multi_queue_vm_keeps_every_flow_on_the_fast_path_through_attach_detac
             time.sleep(0.5)
             assert node.cli("detach", mig.VMI, "-n", mig.NAMESPACE).returncode == 0
             time.sleep(0.5)
-        lost = {f.port: f.stop(guest)["lost"] for f in to_vm_flows}
-        lost |= {f.port: f.stop(guest)["lost"] for f in from_vm_flows}
-        assert sum(lost.values()) == 0, lost
+        results = mig.stop_flows(guest, to_vm_flows, from_vm_flows)
+        assert all(r["sent"] > 0 for r in results.values()), results
+        lost = {flow: r["lost"] for flow, r in results.items()}
+        assert sum(lost.values()) == 0 and len(lost) == TO_VM_FLOWS + FROM_VM_FLOWS, lost
         assert node.pins() == 0, "detach leaves nothing pinned"
 
         # The fast path alone (the bridge forwards no unicast): flows both ways spread over
@@ -108,6 +107,7 @@ def test_a_multi_queue_vm_keeps_every_flow_on_the_fast_path_through_attach_detac
             print(f"\n    [mq] receive interrupts per queue: {interrupts}; "
                   f"{sum(r['sent'] for r in results.values())} datagrams in {len(results)} flows")
         assert all(interrupts.get(q, 0) > 0 for q in range(QUEUES)), f"a queue carried nothing: {interrupts}"
+        assert all(r["sent"] > 0 for r in results.values()), results
         assert all(r["lost"] == 0 for r in results.values()), results
         to_vm = sum(r["sent"] for k, r in results.items() if k.startswith("to"))
         from_vm = sum(r["sent"] for k, r in results.items() if k.startswith("from"))
