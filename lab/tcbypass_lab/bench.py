@@ -51,7 +51,7 @@ from . import costs, cpu, scenarios
 from .results import AttachTime, PathCheck, Report, Sample, Summary, recovered, summarize, targets
 from .sandbox import wait_for_ping
 from .scenarios import BRIDGE, BYPASS, KIND_PRODUCT, KIND_REFERENCE, Scenario
-from .traffic import (BW_JOBS, PEER_IP, REQUIRED_TOOLS, Servers, ToolError, iperf3_run, lat_jobs,
+from .traffic import (BW_JOBS, PEER_IP, REQUIRED_TOOLS, SERVER_TOOLS, Servers, ToolError, iperf3_run, lat_jobs,
                       netns_name, ping_burst, qperf_latency, size_label)
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ def plan_for(quick: bool = False, reps: int | None = None, names: Sequence[str] 
         plan = replace(plan, reps=reps)
     if names:
         plan = replace(plan, scenarios=tuple(names))
+    if paths_only:
+        plan = replace(plan, warm_up=False)
     return replace(plan, datapath=datapath, paths_only=paths_only)
 
 
@@ -314,7 +316,9 @@ def describe_machine(plan: Plan | None = None) -> dict:
 
 
 def check_tools(plan: Plan) -> None:
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    # --paths-only proves each path with pings: it needs no traffic generator.
+    needed = [t for t in REQUIRED_TOOLS if not (plan.paths_only and t in SERVER_TOOLS)]
+    missing = [t for t in needed if shutil.which(t) is None]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)}",
                          hint="install them (Debian: apt-get install qperf iperf3 util-linux iproute2 iputils-ping)")
@@ -375,10 +379,12 @@ def run(plan: Plan, progress: Progress | None = None) -> Report:
         stack.callback(servers.close)
         step("starting servers, warming up")
         for scen in scens:
-            servers.start(scen.peer_ns, plan.lat_cpu, plan.bw_server_cpu)
+            if not plan.paths_only:
+                servers.start(scen.peer_ns, plan.lat_cpu, plan.bw_server_cpu)
         for scen in scens:
             try:
-                servers.wait_listening(scen.peer_ns)
+                if not plan.paths_only:
+                    servers.wait_listening(scen.peer_ns)
             except ToolError as exc:
                 raise BenchError(str(exc), hint="check that qperf and iperf3 run: qperf --version; iperf3 --version")
             if not wait_for_ping(netns_name(scen.vm_ns), PEER_IP, timeout=10):

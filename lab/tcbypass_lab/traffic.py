@@ -33,7 +33,8 @@ UNITS = {"tcp_lat": "us", "udp_lat": "us", TCP_BW: "Gbit/s", UDP_PPS: "kpps", UD
 UDP_MAX_PAYLOAD = 65507  # the largest UDP datagram: qperf's "64K" UDP message is sent at this size
 IPERF3_TCP_LEN = 128 * 1024  # iperf3's default TCP write size
 PPS_PAYLOAD = 64
-REQUIRED_TOOLS = ("qperf", "iperf3", "nsenter", "taskset", "ss", "ip", "ping")
+SERVER_TOOLS = ("qperf", "iperf3")  # the traffic the bench measures
+REQUIRED_TOOLS = (*SERVER_TOOLS, "nsenter", "taskset", "ss", "ip", "ping")
 
 
 class ToolError(RuntimeError):

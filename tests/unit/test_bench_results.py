@@ -5,6 +5,8 @@ options, the scale bench's summaries. No root, no kernel."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -260,3 +262,16 @@ def test_bench_refuses_an_unknown_scenario_before_building_anything():
 def test_datapath_options_given_to_the_scale_bench_are_refused():
     res = _invoke("bench", "--quick", "scale", "10")
     assert res.exit_code == 2 and "--quick" in res.output
+
+
+def test_only_a_measuring_run_needs_qperf_and_iperf3(tmp_path, monkeypatch):
+    """--paths-only proves the paths with pings: a node (or a matrix guest) without the
+    traffic generators runs it; a measuring run asks for them by name."""
+    for tool in traffic.REQUIRED_TOOLS:
+        if tool not in traffic.SERVER_TOOLS:
+            os.symlink(shutil.which(tool) or "/bin/true", tmp_path / tool)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    bench.check_tools(bench.plan_for(paths_only=True))
+    with pytest.raises(bench.BenchError, match="missing tools: qperf, iperf3"):
+        bench.check_tools(bench.plan_for())
+    assert not bench.plan_for(paths_only=True).warm_up, "the warm-up is a qperf run"
