@@ -144,7 +144,9 @@ def test_other_programs_and_filters_on_the_tap_keep_their_view(pod, hook):
         attach(sb, nic, "--hook", hook)
         assert seen() == (10, 4), "with ours on the tap"
         c = row(sb)["counters"]
-        assert c["redirected_packets"]["from_vm"] == 6 and c["passed_packets"]["multicast"] == 4
+        # Ours counted the six unicast frames it redirected and the four broadcasts it left; the
+        # VM's own stack may add a multicast of its own meanwhile (IPv6 MLD, a router solicitation).
+        assert c["redirected_packets"]["from_vm"] == 6 and 4 <= c["passed_packets"]["multicast"] <= 6, c
         if hook == "tcx":
             assert tcx_programs(nic.pod_ns, nic.tap) == ["count_frames", "tcb_from_vm"], "ours goes last"
 
